@@ -1,0 +1,267 @@
+"""PyTorch through transformers, with bitsandbytes for int8/nf4/nf4-dq/fp4.
+
+Importing this module imports torch and transformers (and the modeling code of the zoo's
+architectures), so the launcher can preload it once in the forkserver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from harness.backends.base import LoadSpec, WeightStats
+from harness.models import check_safetensors_files
+
+for _arch in ("llama", "gpt2", "bert", "mistral", "qwen2"):
+    with contextlib.suppress(ImportError):
+        __import__(f"transformers.models.{_arch}.modeling_{_arch}")
+
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BNB_PRECISIONS = ("int8", "nf4", "nf4-dq", "fp4")
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def runs_bf16_well(device: torch.device) -> bool:
+    """bf16 is native on Ampere+ GPUs and on CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        from harness.environment import cpu_info, cpu_runs_bf16_well
+
+        return cpu_runs_bf16_well(cpu_info()[1])
+    return True
+
+
+class _TokenClock(BaseStreamer):
+    """A streamer that calls `on_token` each time generate emits new tokens (not the prompt)."""
+
+    def __init__(self, on_token: Callable[[], None]) -> None:
+        self.on_token = on_token
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_token()
+
+    def end(self) -> None:
+        pass
+
+
+class PyTorchBackend:
+    """Loads with from_pretrained and runs under torch.inference_mode."""
+
+    framework = "pytorch"
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.device = self._torch_device(spec.device)
+        self.model: Any = None
+        self.storage_dtype: torch.dtype | None = None
+        self.compute_dtype: torch.dtype | None = None
+
+    @staticmethod
+    def _torch_device(device: str) -> torch.device:
+        if device.startswith("xla"):
+            import torch_xla.core.xla_model as xm
+
+            return xm.xla_device()
+        return torch.device("cuda:0" if device == "cuda" else device)
+
+    # --- loading --------------------------------------------------------------------------
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        precision = self.spec.precision
+        kwargs: dict[str, Any] = {
+            "trust_remote_code": self.spec.trust_remote_code,
+            "use_safetensors": None if self.spec.allow_pickle else True,
+        }
+        if self.device.type != "xla":
+            kwargs["device_map"] = str(self.device)
+        if precision in FLOAT_DTYPES:
+            self.storage_dtype = self.compute_dtype = FLOAT_DTYPES[precision]
+        elif precision in BNB_PRECISIONS:
+            from transformers import BitsAndBytesConfig
+
+            fast_bf16 = runs_bf16_well(self.device)
+            if precision == "int8":
+                # LLM.int8() multiplies in fp16: fp16 inputs avoid a cast in every layer.
+                self.storage_dtype = self.compute_dtype = torch.float16
+                config = BitsAndBytesConfig(load_in_8bit=True)
+            else:
+                self.storage_dtype = torch.bfloat16 if fast_bf16 else torch.float16
+                self.compute_dtype = torch.bfloat16 if fast_bf16 else torch.float32
+                config = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="fp4" if precision == "fp4" else "nf4",
+                    bnb_4bit_use_double_quant=precision == "nf4-dq",
+                    bnb_4bit_compute_dtype=self.compute_dtype,
+                )
+            kwargs["quantization_config"] = config
+        else:
+            raise ValueError(f"precision {precision} is not a PyTorch precision")
+        kwargs["dtype"] = self.storage_dtype
+        return kwargs
+
+    def load(self) -> None:
+        check_safetensors_files(self.spec.source)
+        model_class = AutoModelForCausalLM if self.spec.kind == "causal-lm" else AutoModel
+        model = model_class.from_pretrained(self.spec.source, **self._load_kwargs())
+        if self.device.type == "xla":
+            model = model.to(self.device)
+        self.model = model.eval()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "xla":
+            import torch_xla.core.xla_model as xm
+
+            xm.mark_step()
+            xm.wait_device_ops()
+
+    # --- size -----------------------------------------------------------------------------
+
+    def weight_stats(self) -> WeightStats:
+        """Every parameter, buffer and bitsandbytes quant state, each storage counted once."""
+        storages: dict[tuple[str, int], int] = {}
+        quant_storages: dict[tuple[str, int], int] = {}
+
+        def add(tensor: torch.Tensor | None, into: dict[tuple[str, int], int]) -> None:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                return
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            into[key] = max(into.get(key, 0), storage.nbytes())
+
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            add(tensor, storages)
+        total_params = quantized_params = quantized_modules = 0
+        for param in self.model.parameters():
+            quant_state = getattr(param, "quant_state", None)
+            total_params += quant_state.shape.numel() if quant_state is not None else param.numel()
+        for module in self.model.modules():
+            weight = getattr(module, "weight", None)
+            quant_state = getattr(weight, "quant_state", None)
+            scb = getattr(weight, "SCB", None)
+            if quant_state is None and scb is None:
+                continue
+            quantized_modules += 1
+            quantized_params += quant_state.shape.numel() if quant_state is not None else weight.numel()
+            add(scb, quant_storages)
+            if quant_state is not None:
+                for state in (quant_state, getattr(quant_state, "state2", None)):
+                    for name in ("absmax", "code", "offset"):
+                        add(getattr(state, name, None), quant_storages)
+        quant_only = {k: v for k, v in quant_storages.items() if k not in storages}
+        embeddings = self.model.get_input_embeddings()
+        return WeightStats(
+            weight_bytes=sum(storages.values()) + sum(quant_only.values()),
+            param_count=total_params,
+            quant_state_bytes=sum(quant_only.values()),
+            quantized_modules=quantized_modules,
+            quantized_param_frac=quantized_params / total_params if total_params else 0.0,
+            storage_dtype=dtype_name(embeddings.weight.dtype) if embeddings is not None else None,
+            compute_dtype=dtype_name(self.compute_dtype) if self.compute_dtype else None,
+            architecture=type(self.model).__name__,
+        )
+
+    # --- device memory --------------------------------------------------------------------
+
+    def reset_device_peaks(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def device_memory(self) -> dict[str, int | None]:
+        if self.device.type != "cuda":
+            return {}
+        from harness.trackers import nvml_process_bytes
+
+        return {
+            "peak_device_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+            "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+            "device_process_bytes": nvml_process_bytes(self.device.index or 0),
+        }
+
+    # --- running --------------------------------------------------------------------------
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        out = self.model(input_ids=self._tensor(input_ids), use_cache=False)
+        return out.logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: np.ndarray) -> None:
+        """One forward over the prompt that builds the KV cache, keeping only the last logits."""
+        ids = self._tensor(input_ids)
+        if self.spec.kind != "causal-lm":
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        elif self._accepts_logits_to_keep():
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        else:
+            self.model(input_ids=ids, use_cache=True)
+
+    def _accepts_logits_to_keep(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @torch.inference_mode()
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        ids, mask = self._tensor(input_ids), self._tensor(attention_mask)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return pooled.cpu().numpy()
+
+    @torch.inference_mode()
+    def generate(
+        self, input_ids: np.ndarray, new_tokens: int, on_token: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        ids = self._tensor(input_ids)
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.model.generation_config.eos_token_id or 0
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+            pad_token_id=pad if isinstance(pad, int) else pad[0],
+            streamer=_TokenClock(on_token) if on_token else None,
+        )
+        return out[:, ids.shape[1] :].cpu().numpy()
+
+    def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+        """Median of `repeats` timed copies of `size_bytes` (counts bytes read + written)."""
+        src = torch.ones(size_bytes // 4, dtype=torch.float32, device=self.device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # warm-up: page in both buffers
+        rates = []
+        for _ in range(repeats):
+            self.synchronize()
+            start = time.perf_counter()
+            dst.copy_(src)
+            self.synchronize()
+            rates.append(2 * size_bytes / (time.perf_counter() - start))
+        return statistics.median(rates)

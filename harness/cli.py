@@ -1,0 +1,215 @@
+"""The `harness` command: run, env, zoo, report.
+
+Exit codes: 0 everything ran or was skipped, 1 some combination failed (or a regression gate
+tripped), 2 usage error. Usage errors print one line that names the fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from harness.config import RunOptions, parse_bytes, parse_int_list
+from harness.errors import UsageError
+
+DEFAULT_REPORTS_DIR = Path("reports")
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The matrix axes and run options shared by `harness run` (the pytest plugin mirrors them)."""
+    parser.add_argument("--models", help="comma list: zoo names, checkpoint dirs or hub ids (default: the zoo)")
+    parser.add_argument("--frameworks", help="comma list of pytorch, tensorflow (default: installed ones)")
+    parser.add_argument("--precisions", help="comma list, e.g. fp32,bf16,int8,nf4 (default: all PyTorch ones)")
+    parser.add_argument("--devices", help="comma list of cpu, cuda, cuda:N, xla (default: cpu + cuda if present)")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-worker loads behind load_s (default 3)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per worker (default 600)")
+    parser.add_argument("--memory-limit", help="address-space budget per worker beyond its baseline, e.g. 4G")
+    parser.add_argument("--prompt-lengths", default="128", help="comma list (default 128)")
+    parser.add_argument("--batch-sizes", default="1", help="comma list (default 1)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
+    parser.add_argument("--timing-repeats", type=int, default=5, help="timed repeats after warm-up (default 5)")
+    parser.add_argument("--eval-text", type=Path, help="UTF-8 text for quality (default: shipped text)")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="quality token budget (default 2048)")
+    parser.add_argument("--reference", help="precision quality is measured against (default fp32, else bf16)")
+    parser.add_argument("--no-throughput", action="store_true", help="skip prefill/decode/encode timing")
+    parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the reference")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        repeats=args.repeats,
+        timeout_s=args.timeout,
+        memory_limit_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None,
+        prompt_lengths=parse_int_list("prompt-lengths", args.prompt_lengths),
+        batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
+        new_tokens=args.new_tokens,
+        timing_repeats=args.timing_repeats,
+        eval_text=args.eval_text,
+        eval_tokens=args.eval_tokens,
+        reference=args.reference,
+        throughput=not args.no_throughput,
+        quality=not args.no_quality,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def selection_from_args(models: str | None, frameworks: str | None, precisions: str | None, devices: str | None):
+    """Build a validated Selection, filling each missing axis with its default."""
+    from harness.environment import collect_environment
+    from harness.matrix import (
+        DEFAULT_PRECISIONS,
+        Capabilities,
+        Selection,
+        default_devices,
+        default_frameworks,
+        split_list,
+    )
+    from harness.zoo import DEFAULT_MODELS
+
+    caps = Capabilities.detect(collect_environment())
+    return Selection(
+        models=split_list(models) or DEFAULT_MODELS,
+        frameworks=split_list(frameworks) or default_frameworks(caps),
+        precisions=split_list(precisions) or DEFAULT_PRECISIONS,
+        devices=split_list(devices) or default_devices(caps),
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from harness.environment import collect_environment
+    from harness.printers import summary_table
+    from harness.runner import Plan, Runner
+    from harness.storage import RunWriter
+
+    options = options_from_args(args)
+    plan = Plan.create(selection_from_args(args.models, args.frameworks, args.precisions, args.devices), options)
+    env = collect_environment()
+    writer = RunWriter(args.out, env, args.run_id)
+    runner = Runner(plan, writer, env)
+    combos = plan.combos()
+    records = []
+    with tqdm(total=len(combos), unit="combo", file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            for record in runner.run(combos, on_record=lambda r: bar.update(1)):
+                bar.set_postfix_str(f"{record.model}-{record.precision}: {record.status}")
+                records.append(record)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {len(records)} finished records kept in {writer.results_path}", file=sys.stderr)
+            return 130
+    print(summary_table(r.to_dict() for r in records))
+    print(f"\nrun dir: {writer.path}")
+    if not args.no_report:
+        _write_report([writer.path], None, writer.path / "report", ("md",), None)
+    return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def _write_report(runs, baseline, out, formats, budget_bytes) -> int:
+    try:
+        from harness.report import write_report
+    except ImportError:
+        return 0
+    return write_report(runs, baseline=baseline, out=out, formats=formats, budget_bytes=budget_bytes)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from harness.environment import collect_environment
+
+    print(json.dumps(collect_environment().to_dict(), indent=2))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from harness import zoo
+
+    names = zoo.ZOO if args.zoo_command == "list" or not args.names else args.names.split(",")
+    for name in names:
+        if name not in zoo.ZOO:
+            raise UsageError(f"unknown zoo model '{name}': use one of {', '.join(zoo.ZOO)}")
+    if args.zoo_command == "list":
+        print(f"zoo dir: {zoo.zoo_dir()}  (override with ${zoo.ZOO_DIR_ENV})")
+        for entry in zoo.ZOO.values():
+            state = "built" if zoo.is_built(entry.name) else "not built"
+            print(f"{entry.name:20} {entry.kind:10} {state:10} {entry.description}")
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for name in names:
+        print(f"{name}: {zoo.ensure_built(name)}", flush=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    runs = [Path(r) for r in (args.runs or [DEFAULT_REPORTS_DIR / "latest"])]
+    return write_report(
+        runs,
+        baseline=Path(args.baseline) if args.baseline else None,
+        out=Path(args.out) if args.out else None,
+        formats=formats,
+        budget_bytes=parse_bytes(args.budget_bytes) if args.budget_bytes else None,
+        fail_on_regression_pct=args.fail_on_regression,
+        quality_tolerance=args.quality_tolerance,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the matrix, one isolated worker per combination")
+    add_selection_arguments(run)
+    add_option_arguments(run)
+    run.add_argument("--out", type=Path, default=DEFAULT_REPORTS_DIR, help="reports dir (default ./reports)")
+    run.add_argument("--run-id", help="name of the run dir (default: UTC timestamp)")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.set_defaults(func=cmd_run)
+
+    env = commands.add_parser("env", help="print this machine's fingerprint")
+    env.set_defaults(func=cmd_env)
+
+    zoo = commands.add_parser("zoo", help="list or build the default model zoo")
+    zoo.add_argument("zoo_command", choices=("list", "build"))
+    zoo.add_argument("names", nargs="?", help="comma list of zoo models to build (default: all)")
+    zoo.set_defaults(func=cmd_zoo)
+
+    report = commands.add_parser("report", help="compare runs: tables, frontier, recommendation, regressions")
+    report.add_argument("runs", nargs="*", help="run dirs (default reports/latest)")
+    report.add_argument("--baseline", help="run dir to compare against")
+    report.add_argument("--out", help="output dir (default: <first run>/report)")
+    report.add_argument("--format", default="md,html", help="comma list of md, html, csv, parquet (default md,html)")
+    report.add_argument("--budget-bytes", help="memory budget for the recommendation, e.g. 8G")
+    report.add_argument(
+        "--fail-on-regression", type=float, metavar="PCT", help="exit 1 on a significant regression > PCT"
+    )
+    report.add_argument("--quality-tolerance", type=float, default=0.01, help="ppl_delta_frac (or 1-cosine) allowed")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Run options: a dataclass validated on creation, shared by the CLI, the pytest plugin and workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How each combination is measured. Defaults keep the default matrix within minutes on 2 cores."""
+
+    repeats: int = 3  # fresh-worker loads behind load_s
+    timeout_s: float = 600.0  # per worker
+    memory_limit_bytes: int | None = None  # address-space budget for each worker beyond its baseline
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    throughput: bool = True
+    quality: bool = True
+    prompt_lengths: tuple[int, ...] = (128,)
+    batch_sizes: tuple[int, ...] = (1,)
+    new_tokens: int = 64
+    timing_repeats: int = 5  # timed repeats for prefill/decode/encode, after warm-up
+    min_timing_s: float = 0.5  # repeats are extended until they add up to this much
+    warmup: int = 1
+    eval_text: Path | None = None
+    eval_tokens: int = 2048
+    greedy_prompts: int = 4
+    greedy_tokens: int = 16
+    reference: str | None = None  # precision that quality is measured against
+
+    def __post_init__(self) -> None:
+        positive = {
+            "repeats": self.repeats,
+            "timeout": self.timeout_s,
+            "new-tokens": self.new_tokens,
+            "timing-repeats": self.timing_repeats,
+            "eval-tokens": self.eval_tokens,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise UsageError(f"--{name} must be positive, got {value}")
+        for name, values in (("prompt-lengths", self.prompt_lengths), ("batch-sizes", self.batch_sizes)):
+            if not values or any(v <= 0 for v in values):
+                raise UsageError(f"--{name} needs positive integers, got {list(values)}")
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
+            raise UsageError("--memory-limit must be positive")
+        if self.eval_text is not None and not Path(self.eval_text).is_file():
+            raise UsageError(f"--eval-text {self.eval_text}: no such file; give a UTF-8 text file")
+        if self.reference is not None:
+            from harness.matrix import PRECISIONS
+
+            if self.reference not in PRECISIONS:
+                raise UsageError(f"unknown --reference '{self.reference}': use one of {', '.join(PRECISIONS)}")
+
+
+def parse_int_list(name: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--{name} takes integers separated by commas, e.g. 128,512") from None
+
+
+def parse_bytes(value: str) -> int:
+    """`512M`, `2G`, `1000000` -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise UsageError(f"cannot read '{value}' as a size: use bytes or a suffix, e.g. 512M or 2G") from None

@@ -1,0 +1,130 @@
+"""Scenarios: what is measured in a worker once a backend exists. Each returns record fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.backends.base import Backend
+from harness.trackers import HostMemoryTracker, Timer, proc_status
+
+FIRST_FORWARD_TOKENS = 16
+
+
+def checkpoint_bytes(source: str) -> int | None:
+    """Bytes of the weight files of a local directory or of a hub id already in the local cache."""
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, local_files_only=True))
+        except Exception:
+            return None
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".h5", ".weights")]
+    return sum(p.stat().st_size for p in weights) or None
+
+
+def first_input(kind: str, vocab_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A fixed 16-token batch-1 input taken from the evaluation text."""
+    ids = vocab_ids[:FIRST_FORWARD_TOKENS][None, :]
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def run_forward(backend: Backend, kind: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+    if kind == "causal-lm":
+        return backend.logits(batch["input_ids"])
+    return backend.embed(batch["input_ids"], batch["attention_mask"])
+
+
+def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str, Any]:
+    """Load the model and run the first forward; time both and track memory over both."""
+    fields: dict[str, Any] = {}
+    backend.reset_device_peaks()
+    with HostMemoryTracker() as memory:
+        with Timer(backend.synchronize) as load_timer:
+            backend.load()
+        status = proc_status()  # the tracker keeps running through the first forward
+        with Timer(backend.synchronize) as forward_timer:
+            output = run_forward(backend, kind, first_input(kind, eval_ids))
+    if not np.isfinite(output).all():
+        raise FloatingPointError("the first forward pass produced non-finite outputs")
+    stats = backend.weight_stats()
+    fields.update(
+        load_s=load_timer.elapsed_s,
+        first_forward_s=forward_timer.elapsed_s,
+        rss_before_load_bytes=memory.result.before_bytes,
+        peak_rss_bytes=memory.result.peak_rss_bytes,
+        peak_rss_anon_bytes=memory.result.peak_rss_anon_bytes,
+        rss_after_load_bytes=status["VmRSS"],
+        rss_anon_bytes=status["RssAnon"],
+        rss_file_bytes=status["RssFile"],
+        rss_shmem_bytes=status["RssShmem"],
+        weight_bytes=stats.weight_bytes,
+        param_count=stats.param_count,
+        quant_state_bytes=stats.quant_state_bytes,
+        quantized_modules=stats.quantized_modules,
+        quantized_param_frac=stats.quantized_param_frac,
+        storage_dtype=stats.storage_dtype,
+        compute_dtype=stats.compute_dtype,
+        architecture=stats.architecture,
+        checkpoint_bytes=checkpoint_bytes(backend.spec.source),
+    )
+    fields.update(backend.device_memory())
+    return fields
+
+
+def roofline_fields(fields: dict[str, Any], bandwidth_bytes_s: float | None) -> dict[str, Any]:
+    """Decode roofline (bandwidth / weight bytes, batch 1) and load bandwidth."""
+    out: dict[str, Any] = {"memory_bandwidth_bytes_s": bandwidth_bytes_s}
+    if fields.get("load_s") and fields.get("checkpoint_bytes"):
+        out["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / fields["load_s"]
+    if bandwidth_bytes_s and fields.get("weight_bytes"):
+        out["decode_roofline_tok_s"] = bandwidth_bytes_s / fields["weight_bytes"]
+        if fields.get("decode_tok_s"):
+            steps_per_s = fields["decode_tok_s"] / (fields.get("batch_size") or 1)
+            out["decode_roofline_frac"] = steps_per_s / out["decode_roofline_tok_s"]
+    return out
+
+
+def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any]) -> dict[str, Any]:
+    """Throughput, roofline and quality for a loaded model (job: harness.worker.WorkerJob)."""
+    from harness.quality import CAUSAL_FIELDS, ENCODER_FIELDS, measure_quality
+    from harness.records import na
+    from harness.throughput import measure_throughput
+
+    options, kind = job.options, backend.spec.kind
+    fields: dict[str, Any] = {"model_kind": kind}
+    reasons: dict[str, str] = {}
+    decode_fields = ("decode_tok_s", "decode_tok_s_iqr", "generate_tok_s", "ttft_s", "token_latency_p50_s",
+                     "token_latency_p90_s", "prefill_tok_s", "prefill_tok_s_iqr", "decode_roofline_frac", "new_tokens")  # fmt: skip
+    if kind == "causal-lm":
+        na(fields, reasons, "encoder metric; this model is a causal LM", "encode_samples_s", "encode_samples_s_iqr")
+    else:
+        na(fields, reasons, "encoders do not generate: no prefill/decode", *decode_fields)
+    if options.throughput:
+        fields.update(measure_throughput(backend, kind, eval_ids, options))
+    else:
+        na(fields, reasons, "throughput disabled (--no-throughput)", *decode_fields, "encode_samples_s")
+    fields.update(roofline_fields(loaded | fields, job.memory_bandwidth_bytes_s))
+    if kind != "causal-lm":
+        na(fields, reasons, "encoders do not generate: no decode roofline", "decode_roofline_frac")
+    if not options.quality:
+        na(fields, reasons, "quality disabled (--no-quality)", *CAUSAL_FIELDS, *ENCODER_FIELDS)
+    else:
+        if kind == "causal-lm":
+            na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
+        else:
+            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS)
+        if job.reference_path is None and job.write_reference_path is None:
+            note = job.reference_note or "no reference output for this model and device"
+            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS)
+        else:
+            quality = measure_quality(backend, kind, eval_ids, options, job.reference_path, job.write_reference_path)
+            fields.update(quality)
+            for name in quality:
+                reasons.pop(name, None)
+    fields["na_reasons"] = reasons
+    return fields

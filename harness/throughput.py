@@ -1,0 +1,141 @@
+"""Prefill, decode and encode throughput: warm up, repeat, keep the raw samples, report median and IQR."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from harness.backends.base import Backend
+from harness.config import RunOptions
+
+MAX_REPEAT_FACTOR = 10  # never more than 10x the asked repeats, whatever min_timing_s says
+
+
+def median_iqr(samples: list[float]) -> tuple[float, float]:
+    """Median and interquartile range (0 for fewer than two samples)."""
+    if len(samples) < 2:
+        return samples[0], 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return statistics.median(samples), q3 - q1
+
+
+def timed_samples(run: Callable[[], Any], synchronize: Callable[[], None], options: RunOptions) -> list[float]:
+    """Seconds per call: `warmup` untimed calls, then at least `timing_repeats` timed ones,
+    extended until they add up to `min_timing_s` (capped at 10x the repeats)."""
+    for _ in range(options.warmup):
+        run()
+    synchronize()
+    samples: list[float] = []
+    while len(samples) < options.timing_repeats or (
+        sum(samples) < options.min_timing_s and len(samples) < options.timing_repeats * MAX_REPEAT_FACTOR
+    ):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def prompt_batch(eval_ids: np.ndarray, prompt_length: int, batch_size: int) -> np.ndarray:
+    """[batch, prompt_length] token ids cut from the eval text (tiled if it is short)."""
+    reps = -(-prompt_length * batch_size // len(eval_ids))
+    stream = np.tile(eval_ids, reps)[: prompt_length * batch_size]
+    return stream.reshape(batch_size, prompt_length)
+
+
+def measure_prefill(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
+    """Tokens per second of one forward over the prompt (as generate's prefill runs it)."""
+    samples = timed_samples(lambda: backend.prefill(ids), backend.synchronize, options)
+    rates = [ids.size / s for s in samples]
+    median, iqr = median_iqr(rates)
+    return {"prefill_tok_s": median, "prefill_tok_s_iqr": iqr, "prefill_tok_s_samples": rates}
+
+
+def measure_encode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
+    """Sequences per second of an encoder forward."""
+    mask = np.ones_like(ids)
+    samples = timed_samples(lambda: backend.embed(ids, mask), backend.synchronize, options)
+    rates = [ids.shape[0] / s for s in samples]
+    median, iqr = median_iqr(rates)
+    return {"encode_samples_s": median, "encode_samples_s_iqr": iqr, "encode_samples_s_samples": rates}
+
+
+def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
+    """Greedy generate of exactly N new tokens, timestamped as each token lands.
+
+    decode_tok_s counts the N-1 tokens after the first (the first is the prefill's);
+    generate_tok_s counts all N over the whole call; latencies are between consecutive tokens.
+    """
+    batch, steps = ids.shape[0], options.new_tokens
+    decode_rates, generate_rates, ttfts, latencies = [], [], [], []
+    stamps: list[float] = []
+
+    def on_token() -> None:
+        backend.synchronize()
+        stamps.append(time.perf_counter())
+
+    def one_generate() -> tuple[float, list[float]]:
+        stamps.clear()
+        backend.synchronize()
+        start = time.perf_counter()
+        out = backend.generate(ids, steps, on_token)
+        backend.synchronize()
+        end = time.perf_counter()
+        if out.shape != (batch, steps) or len(stamps) != steps:
+            raise RuntimeError(f"asked generate for {steps} new tokens, got {out.shape[1]} ({len(stamps)} timestamps)")
+        return end - start, [start, *stamps]
+
+    for _ in range(options.warmup):
+        one_generate()
+    total = 0.0
+    while len(decode_rates) < options.timing_repeats or (
+        total < options.min_timing_s and len(decode_rates) < options.timing_repeats * MAX_REPEAT_FACTOR
+    ):
+        elapsed, times = one_generate()
+        total += elapsed
+        ttfts.append(times[1] - times[0])
+        gaps = np.diff(times[1:])
+        latencies.extend(gaps.tolist())
+        decode_rates.append(batch * (steps - 1) / (times[-1] - times[1]) if steps > 1 else float("nan"))
+        generate_rates.append(batch * steps / elapsed)
+    median, iqr = median_iqr(decode_rates)
+    return {
+        "decode_tok_s": median,
+        "decode_tok_s_iqr": iqr,
+        "decode_tok_s_samples": decode_rates,
+        "generate_tok_s": statistics.median(generate_rates),
+        "ttft_s": statistics.median(ttfts),
+        "token_latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "token_latency_p90_s": float(np.percentile(latencies, 90)) if latencies else None,
+        "new_tokens": steps,
+    }
+
+
+def measure_throughput(backend: Backend, kind: str, eval_ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
+    """Every (prompt length, batch size) point; the first is the record's main fields, the rest `sweep`."""
+    points: list[dict[str, Any]] = []
+    max_positions = backend.max_positions()
+    for prompt_length in options.prompt_lengths:
+        for batch_size in options.batch_sizes:
+            point: dict[str, Any] = {"prompt_length": prompt_length, "batch_size": batch_size}
+            needed = prompt_length + (options.new_tokens if kind == "causal-lm" else 0)
+            if max_positions is not None and needed > max_positions:
+                point["skip_reason"] = f"needs {needed} positions; the model has {max_positions}"
+                points.append(point)
+                continue
+            ids = prompt_batch(eval_ids, prompt_length, batch_size)
+            if kind == "causal-lm":
+                point.update(measure_prefill(backend, ids, options))
+                point.update(measure_decode(backend, ids, options))
+            else:
+                point.update(measure_encode(backend, ids, options))
+            points.append(point)
+    main, rest = points[0], points[1:]
+    if "skip_reason" in main:
+        raise ValueError(f"prompt length {main['prompt_length']}: {main['skip_reason']}; lower --prompt-lengths")
+    return main | {"sweep": rest}
