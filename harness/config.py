@@ -45,6 +45,8 @@ class RunOptions:
         for name, values in (("prompt-lengths", self.prompt_lengths), ("batch-sizes", self.batch_sizes)):
             if not values or any(v <= 0 for v in values):
                 raise UsageError(f"--{name} needs positive integers, got {list(values)}")
+        if self.min_timing_s < 0 or self.warmup < 0:
+            raise UsageError("--min-timing and --warmup cannot be negative")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
             raise UsageError("--memory-limit must be positive")
         if self.eval_text is not None and not Path(self.eval_text).is_file():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,16 @@ class Launcher:
         sender.close()
         message = None
         try:
-            if receiver.poll(timeout_s):
+            # Wait for a message or the worker's exit, whichever comes first. (The pipe alone is
+            # not enough: the forkserver may hold a copy of its write end, so no EOF on a crash.)
+            ready = wait([receiver, process.sentinel], timeout_s)
+            if receiver.poll(0):
                 message = receiver.recv()
         except (EOFError, OSError):
             message = None
         finally:
             receiver.close()
-        timed_out = message is None and process.is_alive()
+        timed_out = not ready
         if timed_out:
             process.kill()
         process.join(timeout=30)

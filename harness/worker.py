@@ -110,6 +110,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
 def worker_main(job: WorkerJob, conn: Connection) -> None:
     """Entry point of a worker process."""
     started_at = time.time()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash should end fast, not dump GBs
     _redirect_output(job.log_path)
     _quiet_libraries()
     try:
