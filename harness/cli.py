@@ -39,6 +39,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", help="precision quality is measured against (default fp32, else bf16)")
     parser.add_argument("--no-throughput", action="store_true", help="skip prefill/decode/encode timing")
     parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the reference")
+    parser.add_argument("--roundtrip", action="store_true", help="check a save/load round trip")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
 
@@ -57,6 +58,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         reference=args.reference,
         throughput=not args.no_throughput,
         quality=not args.no_quality,
+        roundtrip=args.roundtrip,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
     )
@@ -110,16 +112,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(summary_table(r.to_dict() for r in records))
     print(f"\nrun dir: {writer.path}")
     if not args.no_report:
-        _write_report([writer.path], None, writer.path / "report", ("md",), None)
-    return 1 if any(r.status == "failed" for r in records) else 0
-
-
-def _write_report(runs, baseline, out, formats, budget_bytes) -> int:
-    try:
         from harness.report import write_report
-    except ImportError:
-        return 0
-    return write_report(runs, baseline=baseline, out=out, formats=formats, budget_bytes=budget_bytes)
+
+        write_report([writer.path], out=writer.path / "report", formats=("md", "html"))
+    return 1 if any(r.status == "failed" for r in records) else 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:

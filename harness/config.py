@@ -19,6 +19,7 @@ class RunOptions:
     trust_remote_code: bool = False
     throughput: bool = True
     quality: bool = True
+    roundtrip: bool = False  # save_pretrained -> from_pretrained and compare outputs
     prompt_lengths: tuple[int, ...] = (128,)
     batch_sizes: tuple[int, ...] = (1,)
     new_tokens: int = 64

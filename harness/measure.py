@@ -126,5 +126,15 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
             fields.update(quality)
             for name in quality:
                 reasons.pop(name, None)
+    if options.roundtrip:
+        batch = first_input(kind, eval_ids)
+        try:
+            fields["roundtrip_max_abs_diff"] = backend.roundtrip_max_abs_diff(
+                batch["input_ids"], batch["attention_mask"]
+            )
+        except NotImplementedError as exc:
+            na(fields, reasons, f"not serializable: {exc}", "roundtrip_max_abs_diff")
+    else:
+        na(fields, reasons, "round trip not requested (--roundtrip)", "roundtrip_max_abs_diff")
     fields["na_reasons"] = reasons
     return fields

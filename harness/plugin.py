@@ -1,0 +1,119 @@
+"""The pytest plugin (entry point `pytest11: harness`): options, parametrization, markers, hooks.
+
+`pytest suites/` runs the quick compatibility checks; `pytest suites/ --benchmark` adds the
+measurement suites. Every test of one combination shares one isolated worker (see
+harness.fixtures.HarnessSession); records are written to the run dir as each combination finishes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import UsageError
+from harness.fixtures import (  # noqa: F401 - the fixtures are registered by being here
+    SESSION_KEY,
+    HarnessSession,
+    ReplayClock,
+    combo_benchmark,
+    combo_param,
+    harness_record,
+    harness_session,
+)
+
+BENCHMARK_MARK = "harness_benchmark"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "harness: model load/speed/quality matrix")
+    group.addoption("--benchmark", action="store_true", help="run the measurement suites, not only compat")
+    group.addoption("--models", help="comma list: zoo names, checkpoint dirs or hub ids")
+    group.addoption("--frameworks", help="comma list: pytorch, tensorflow")
+    group.addoption("--precisions", help="comma list: fp32,fp16,bf16,int8,nf4,nf4-dq,fp4,keras-int8,keras-int4")
+    group.addoption("--devices", help="comma list: cpu, cuda, cuda:N, xla")
+    group.addoption("--matrix", type=Path, help="TOML matrix file (axes, options, budgets, tolerances)")
+    group.addoption("--reports-dir", type=Path, help="where run dirs go (default: <rootdir>/reports)")
+    group.addoption("--run-id", help="name of this run's dir (default: UTC timestamp)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{BENCHMARK_MARK}: a measurement suite test, run only with --benchmark")
+    if config.getoption("--benchmark") and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(
+            "--benchmark cannot run under pytest-xdist (-n): pytest-benchmark disables itself there; drop -n"
+        )
+    if not _uses_harness(config):
+        return
+    try:
+        session = HarnessSession.from_config(config)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
+    for marker in session.marker_names():
+        config.addinivalue_line("markers", f"{marker}: harness matrix axis value")
+
+
+def _uses_harness(config: pytest.Config) -> bool:
+    """Set the session up only when a suite will be collected, so `pytest tests/` stays light."""
+    args = [str(a) for a in config.args]
+    return any("suites" in Path(a).parts or Path(a).name.startswith("suites") for a in args) or bool(
+        config.getoption("--matrix") or config.getoption("--models") or config.getoption("--benchmark")
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "combo" not in metafunc.fixturenames:
+        return
+    session: HarnessSession | None = metafunc.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        session = HarnessSession.from_config(metafunc.config)
+        metafunc.config.stash[SESSION_KEY] = session
+    metafunc.parametrize("combo", [combo_param(c) for c in session.combos], scope="function")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Attach a replay clock to timed tests; without --benchmark, deselect the measurement suites."""
+    for item in items:
+        if "combo_benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=ReplayClock()))
+    if config.getoption("--benchmark"):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker(BENCHMARK_MARK) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Add GPUs, libraries and the harness fingerprint to pytest-benchmark's machine_info."""
+    from harness.environment import collect_environment
+
+    env = collect_environment().to_dict()
+    machine_info["harness"] = {
+        key: env[key]
+        for key in ("env_id", "hardware_id", "hardware_label", "gpus", "nvidia_driver", "cuda_driver_version")
+    }
+    machine_info["harness"]["libraries"] = env["libraries"]
+    machine_info["harness"]["cpu_flags"] = env["cpu_flags"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    harness: HarnessSession | None = session.config.stash.get(SESSION_KEY, None)
+    if harness is not None:
+        harness.finish(write_report=bool(session.config.getoption("--benchmark")))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    harness: HarnessSession | None = config.stash.get(SESSION_KEY, None)
+    if harness is None or not harness.records:
+        return
+    from harness.printers import summary_table
+
+    terminalreporter.section("harness")
+    terminalreporter.write_line(summary_table(r.to_dict() for r in harness.records.values()))
+    terminalreporter.write_line(f"run dir: {harness.run_dir}")

@@ -114,6 +114,7 @@ class Record:
     embed_cosine_mean: float | None = None
     embed_cosine_min: float | None = None
     rank_agree: float | None = None  # Spearman of pair similarities vs the reference
+    roundtrip_max_abs_diff: float | None = None  # outputs after save_pretrained -> from_pretrained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

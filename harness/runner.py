@@ -44,6 +44,31 @@ class Plan:
         return self.selection.combos()
 
 
+def reference_precision(combo: Combo, options: RunOptions, capabilities: Capabilities) -> str | None:
+    """--reference, else the highest precision PyTorch runs on this device (fp32, bf16, fp16)."""
+    candidates = (options.reference,) if options.reference else REFERENCE_ORDER
+    for precision in candidates:
+        reference = Combo(combo.model, "pytorch", precision, combo.device)
+        if unsupported_reason(reference, capabilities) is None:
+            return precision
+    return None
+
+
+def reference_first(combos: Iterable[Combo], options: RunOptions, capabilities: Capabilities) -> list[Combo]:
+    """Each model and device's reference combination first, so quality never needs a second load."""
+    combos = list(combos)
+    groups = {}
+    for combo in combos:
+        groups.setdefault((combo.model, combo.device), len(groups))
+
+    def key(item: tuple[int, Combo]) -> tuple[int, int]:
+        index, combo = item
+        is_ref = combo.framework == "pytorch" and combo.precision == reference_precision(combo, options, capabilities)
+        return groups[(combo.model, combo.device)], 0 if is_ref else 1 + index
+
+    return [c for _, c in sorted(enumerate(combos), key=key)]
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text)
 
@@ -77,13 +102,7 @@ class Runner:
         return self._import_s[framework]
 
     def reference_precision(self, combo: Combo) -> str | None:
-        """--reference, else the highest precision PyTorch runs on this device."""
-        candidates = (self.plan.options.reference,) if self.plan.options.reference else REFERENCE_ORDER
-        for precision in candidates:
-            reference = Combo(combo.model, "pytorch", precision, combo.device)
-            if unsupported_reason(reference, self.capabilities) is None:
-                return precision
-        return None
+        return reference_precision(combo, self.plan.options, self.capabilities)
 
     def _log_path(self, combo: Combo, suffix: str = "") -> str:
         return str(self.writer.logs_dir() / f"{_safe_name(combo.id)}{suffix}.log")
@@ -200,21 +219,9 @@ class Runner:
 
     # --- the whole matrix -------------------------------------------------------------------
 
-    def ordered(self, combos: Iterable[Combo]) -> list[Combo]:
-        """Reference precisions first within each model and device, otherwise as given."""
-        combos = list(combos)
-
-        def key(item: tuple[int, Combo]) -> tuple[int, int]:
-            index, combo = item
-            group = next(i for i, c in enumerate(combos) if (c.model, c.device) == (combo.model, combo.device))
-            is_ref = combo.framework == "pytorch" and combo.precision == self.reference_precision(combo)
-            return group, 0 if is_ref else 1 + index
-
-        return [c for _, c in sorted(enumerate(combos), key=key)]
-
     def run(self, combos: Iterable[Combo], on_record: Callable[[Record], None] | None = None) -> list[Record]:
         records = []
-        for combo in self.ordered(combos):
+        for combo in reference_first(combos, self.plan.options, self.capabilities):
             record = self.run_combo(combo)
             records.append(record)
             if on_record:

@@ -12,7 +12,18 @@ import pytest
 
 from harness.zoo import ensure_built
 
-FAST_RUN = ["--frameworks", "pytorch", "--repeats", "1", "--no-throughput", "--no-quality", "--devices", "cpu", "--precisions", "fp32"]
+FAST_RUN = [
+    "--frameworks",
+    "pytorch",
+    "--repeats",
+    "1",
+    "--no-throughput",
+    "--no-quality",
+    "--devices",
+    "cpu",
+    "--precisions",
+    "fp32",
+]
 
 
 def harness(*args: str, out: Path) -> subprocess.CompletedProcess[str]:

@@ -101,7 +101,7 @@ def test_weight_bytes_match_the_serialized_state_dict(
     backend.model.save_pretrained(tmp_path)
     serialized = 0
     with safe_open(tmp_path / "model.safetensors", "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+        for key in handle.keys():
             tensor = handle.get_tensor(key)
             if "quant_state." not in key:  # bnb's packed JSON of the quant-state metadata
                 serialized += tensor.numel() * tensor.element_size()

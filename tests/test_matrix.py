@@ -13,7 +13,7 @@ H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 << 30, "9.0")
 V100 = GpuInfo(0, "Tesla V100", 16 << 30, "7.0")
 
 
-def caps(gpus=(), installed=EVERYTHING, cuda="12.8") -> Capabilities:  # noqa: ANN001
+def caps(gpus=(), installed=EVERYTHING, cuda="12.8") -> Capabilities:
     return Capabilities(tuple(gpus), cuda, frozenset(installed), cpu_bf16=False)
 
 

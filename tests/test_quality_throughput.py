@@ -133,4 +133,6 @@ def test_comparison_metrics_on_hand_made_outputs() -> None:
     pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
     assert compare_encoder({"embeddings": emb, "pairs": pairs}, {"embeddings": 2 * emb})["rank_agree"] == 1.0
     assert spearman(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1)
-    assert math.isclose(compare_encoder({"embeddings": emb, "pairs": pairs}, {"embeddings": emb})["embed_cosine_min"], 1)
+    assert math.isclose(
+        compare_encoder({"embeddings": emb, "pairs": pairs}, {"embeddings": emb})["embed_cosine_min"], 1
+    )

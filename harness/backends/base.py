@@ -72,5 +72,8 @@ class Backend(Protocol):
     ) -> np.ndarray:
         """Greedy generation of exactly `new_tokens`; `on_token` is called as each token lands."""
 
+    def roundtrip_max_abs_diff(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> float:
+        """Save, load back, and compare one forward's outputs; NotImplementedError if not serializable."""
+
     def memory_bandwidth_bytes_s(self) -> float:
         """Device copy bandwidth (read + write bytes per second) from a large copy."""

@@ -252,6 +252,25 @@ class PyTorchBackend:
         )
         return out[:, ids.shape[1] :].cpu().numpy()
 
+    @torch.inference_mode()
+    def roundtrip_max_abs_diff(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> float:
+        """save_pretrained to a temp dir, from_pretrained back (quantization config included), compare."""
+        import tempfile
+
+        def outputs(model: Any) -> torch.Tensor:
+            ids, mask = self._tensor(input_ids), self._tensor(attention_mask)
+            out = model(input_ids=ids, attention_mask=mask)
+            return (out.logits if self.spec.kind == "causal-lm" else out.last_hidden_state).float()
+
+        before = outputs(self.model)
+        with tempfile.TemporaryDirectory(prefix="harness-roundtrip-") as tmp:
+            self.model.save_pretrained(tmp)
+            model_class = AutoModelForCausalLM if self.spec.kind == "causal-lm" else AutoModel
+            kwargs = {"device_map": str(self.device)} if self.device.type != "xla" else {}
+            reloaded = model_class.from_pretrained(tmp, dtype=self.storage_dtype, use_safetensors=True, **kwargs)
+            after = outputs(reloaded.eval())
+        return float((before - after).abs().max())
+
     def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20, repeats: int = 5) -> float:
         """Median of `repeats` timed copies of `size_bytes` (counts bytes read + written)."""
         src = torch.ones(size_bytes // 4, dtype=torch.float32, device=self.device)

@@ -1,0 +1,161 @@
+"""Runs become one tidy DataFrame: one row per combination and hardware, newest run kept."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import UsageError
+from harness.records import SCHEMA_VERSION, Record
+from harness.storage import read_environment, read_records, results_file
+
+KEY = ["model", "framework", "precision", "device", "hardware_id"]
+GROUP = ["model", "framework", "device", "hardware_id"]  # rows sharing one reference precision
+LIST_COLUMNS = [f.name for f in fields(Record) if f.default_factory in (list, dict)]  # type: ignore[comparison-overlap]
+REL_METRICS = (
+    "load_s", "weight_bytes", "peak_rss_bytes", "peak_device_allocated_bytes",
+    "prefill_tok_s", "decode_tok_s", "encode_samples_s", "memory_bytes", "speed",
+)  # fmt: skip
+PRECISION_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "nf4", "nf4-dq", "fp4")
+
+
+def check_schema(file: Path) -> None:
+    """Warn, naming file and line, about records of another schema_version; records of this
+    version that merely lack newer fields get one warning per file, at the first such line."""
+    known = set(Record.field_names())
+    lacking: list[int] = []
+    missing_names: set[str] = set()
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # read_records warns about damaged lines
+            if not isinstance(data, dict) or not {"model", "precision", "status"} <= data.keys():
+                continue
+            version, missing = data.get("schema_version"), sorted(known - data.keys())
+            if version != SCHEMA_VERSION:
+                shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+                warnings.warn(
+                    f"{file}:{number}: record of schema_version {version} (this harness reads "
+                    f"{SCHEMA_VERSION}); missing fields read as null{': ' + shown if shown else ''}",
+                    stacklevel=2,
+                )
+            elif missing:
+                lacking.append(number)
+                missing_names.update(missing)
+    if lacking:
+        warnings.warn(
+            f"{file}:{lacking[0]}: {len(lacking)} records written before fields "
+            f"{', '.join(sorted(missing_names))} existed; read as null",
+            stacklevel=2,
+        )
+
+
+def device_memory(device: str, env: dict[str, Any]) -> int | None:
+    """Total memory of the device a combination ran on: host RAM for cpu, the GPU's for cuda:N."""
+    if device == "cpu":
+        return env.get("ram_bytes") or None
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        gpus = env.get("gpus") or []
+        return gpus[index].get("memory_bytes") if index < len(gpus) else None
+    return None
+
+
+def read_run(run: Path) -> pd.DataFrame | None:
+    """One run dir as a frame with its environment joined in; None (and a warning) if missing."""
+    file = results_file(run)
+    if not file.exists():
+        warnings.warn(f"{file}: no such run (pass a run dir holding results.jsonl); skipped", stacklevel=2)
+        return None
+    check_schema(file)
+    records = read_records(file)
+    env = read_environment(file) if records else {}
+    frame = pd.DataFrame(records, columns=Record.field_names())
+    frame["hardware_id"] = frame["hardware_id"].where(frame["hardware_id"] != "", env.get("hardware_id", "unknown"))
+    frame["hardware_label"] = env.get("hardware_label") or frame["hardware_id"]
+    frame["device_memory_bytes"] = [device_memory(d, env) for d in frame["device"]]
+    frame["run_dir"] = str(file.parent)
+    return frame
+
+
+def dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the newest record of each combination on each hardware; say what was dropped."""
+    frame = frame.sort_values("finished_at", kind="stable")
+    dup = frame.duplicated(KEY, keep="last")
+    notes = []
+    for key, group in frame[frame.duplicated(KEY, keep=False)].groupby(KEY, sort=True):
+        kept = group.iloc[-1]
+        runs = ", ".join(group["run_id"].astype(str))
+        notes.append(
+            f"{'/'.join(map(str, key[:4]))} on {kept['hardware_label']} ran {len(group)} times ({runs}); "
+            f"kept the newest, {kept['run_id']} (finished {kept['finished_at']})"
+        )
+    return frame[~dup].reset_index(drop=True), notes
+
+
+def _hardware_names(frame: pd.DataFrame) -> pd.Series:
+    """hardware_label, with the id appended where two hardware ids share a label."""
+    ids_per_label = frame.groupby("hardware_label")["hardware_id"].transform("nunique")
+    return frame["hardware_label"].where(
+        ids_per_label <= 1, frame["hardware_label"] + " [" + frame["hardware_id"] + "]"
+    )
+
+
+def _is_causal(frame: pd.DataFrame) -> pd.Series:
+    return frame["model_kind"] == "causal-lm"
+
+
+def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
+    """Quality loss, speed, memory, reference flags and every metric relative to the reference."""
+    frame = frame.copy()
+    causal, encoder = _is_causal(frame), frame["model_kind"] == "encoder"
+    num = lambda c: pd.to_numeric(frame[c], errors="coerce")  # noqa: E731
+    frame["hardware"] = _hardware_names(frame)
+    frame["is_reference"] = frame["precision"] == frame["reference_precision"]
+    frame["quality_loss"] = num("kl_mean").where(causal, (1 - num("embed_cosine_mean")).where(encoder))
+    frame["quality_metric"] = pd.Series("kl_mean", index=frame.index).where(causal, "1-cosine").where(causal | encoder)
+    frame["tolerance_loss"] = num("ppl_delta_frac").where(causal, (1 - num("embed_cosine_mean")).where(encoder))
+    frame["speed"] = num("decode_tok_s").where(causal, num("encode_samples_s"))
+    frame["speed_unit"] = pd.Series("decode tok/s", index=frame.index).where(causal, "encode seq/s")
+    frame["memory_bytes"] = num("peak_device_allocated_bytes").fillna(num("peak_rss_bytes"))
+    order = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    frame["precision_rank"] = [order.get(p, len(order)) for p in frame["precision"]]
+    for metric in REL_METRICS:
+        frame[f"{metric}_rel"] = num(metric) / _reference_values(frame, metric)
+    return frame.sort_values(["model", "hardware", "device", "framework", "precision_rank", "precision"]).reset_index(
+        drop=True
+    )
+
+
+def _reference_values(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """Each row's reference value of `metric`: the row of its group whose precision is the reference."""
+    ref = frame[frame["is_reference"] & (frame["status"] == "ok")].drop_duplicates(GROUP)
+    ref = ref.set_index(GROUP)[metric].rename("_ref")
+    merged = frame[GROUP].join(ref, on=GROUP)
+    return pd.to_numeric(merged["_ref"], errors="coerce").set_axis(frame.index)
+
+
+def load_frame(runs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """The tidy, deduplicated frame of all `runs`, and notes on what merging dropped."""
+    frames = [f for f in (read_run(Path(run)) for run in runs) if f is not None]
+    if not frames:
+        raise UsageError(f"no run found in {', '.join(map(str, runs))}: run `harness run` first or pass a run dir")
+    frame = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
+    frame, notes = dedupe(frame)
+    return add_derived(frame), notes
+
+
+def export_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with list and dict columns as JSON strings, so CSV and Parquet round-trip."""
+    out = frame.copy()
+    for column in LIST_COLUMNS:
+        if column in out:
+            out[column] = [json.dumps(v) for v in out[column]]
+    return out

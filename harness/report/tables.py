@@ -1,0 +1,125 @@
+"""Tables as (headers, rows) of strings: per-model comparison and the compatibility matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled table of strings, rendered by formats.py."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+def _missing(value: object) -> bool:
+    return value is None or (not isinstance(value, (list, dict, str)) and pd.isna(value))
+
+
+def num(value: object, digits: int = 3, scale: float = 1.0) -> str:
+    """A number with `digits` significant digits, '-' when missing."""
+    if _missing(value):
+        return "-"
+    x = float(value) / scale  # type: ignore[arg-type]
+    return f"{x:.0f}" if abs(x) >= 10**digits else f"{x:.{digits}g}"
+
+
+def with_rel(value: object, rel: object, is_reference: bool, digits: int = 3, scale: float = 1.0) -> str:
+    """`absolute (ratio×)`, e.g. `0.757 (2.95×)`; the reference row says `(ref)`."""
+    text = num(value, digits, scale)
+    if text == "-":
+        return text
+    if is_reference:
+        return f"{text} (ref)"
+    return f"{text} ({float(rel):.2f}×)" if not _missing(rel) else text  # type: ignore[arg-type]
+
+
+def _kl(row: pd.Series) -> str:
+    if _missing(row["kl_mean"]):
+        return "-"
+    low, high = row["kl_mean_ci_low"], row["kl_mean_ci_high"]
+    half = "" if _missing(low) or _missing(high) else f" ± {(high - low) / 2:.2g}"
+    return f"{row['kl_mean']:.3g}{half}"
+
+
+def _pct(value: object) -> str:
+    return "-" if _missing(value) else f"{100 * float(value):+.2f}%"  # type: ignore[arg-type]
+
+
+def _rel_col(metric: str, scale: float = 1.0, digits: int = 3) -> Callable[[pd.Series], str]:
+    return lambda r: with_rel(
+        r[metric], r[f"{metric}_rel"], bool(r["is_reference"]) and r["status"] == "ok", digits, scale
+    )
+
+
+# header -> (source column that must have a value somewhere for the column to show, cell function)
+COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
+    "load_s": ("load_s", _rel_col("load_s")),
+    "weight MB": ("weight_bytes", _rel_col("weight_bytes", MB)),
+    "peak RSS MB": ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
+    "device MB": ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
+    "prefill tok/s": ("prefill_tok_s", _rel_col("prefill_tok_s")),
+    "decode tok/s": ("decode_tok_s", _rel_col("decode_tok_s")),
+    "encode seq/s": ("encode_samples_s", _rel_col("encode_samples_s")),
+    "kl_mean ± CI": ("kl_mean", _kl),
+    "ppl_delta %": ("ppl_delta_frac", lambda r: _pct(r["ppl_delta_frac"])),
+    "top1": ("top1_agree", lambda r: num(r["top1_agree"], 4)),
+    "cosine": ("embed_cosine_mean", lambda r: num(r["embed_cosine_mean"], 5)),
+}
+ALWAYS = ("load_s", "weight MB", "peak RSS MB")
+LABELS = ("framework", "device", "hardware")  # shown as columns only where they vary
+
+
+def _label_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in LABELS if frame[c].nunique(dropna=False) > 1]
+
+
+def comparison_table(model_rows: pd.DataFrame) -> Table:
+    """One model: a row per precision (and framework, device, hardware where several), each
+    metric absolute and relative to the reference precision of its framework and device."""
+    model = str(model_rows["model"].iloc[0])
+    labels = _label_columns(model_rows)
+    shown = [h for h, (src, _) in COMPARISON_COLUMNS.items() if h in ALWAYS or model_rows[src].notna().any()]
+    headers = [*labels, "precision", "status", *shown]
+    rows = []
+    for _, r in model_rows.iterrows():
+        status = str(r["status"]) + (f" ({r['error_kind']})" if not _missing(r["error_kind"]) else "")
+        rows.append(
+            [str(r[c]) for c in labels] + [str(r["precision"]), status] + [COMPARISON_COLUMNS[h][1](r) for h in shown]
+        )
+    refs = sorted(set(model_rows["reference_precision"].dropna()))
+    title = f"{model}" + (f" (relative to {', '.join(refs)})" if refs else "")
+    return Table(title, headers, rows)
+
+
+def comparison_tables(frame: pd.DataFrame) -> list[Table]:
+    return [comparison_table(group) for _, group in frame.groupby("model", sort=True)]
+
+
+def cell(row: pd.Series, limit: int = 60) -> str:
+    """ok, failed (kind) or skipped: reason."""
+    if row["status"] == "failed":
+        return f"failed ({row['error_kind'] or 'error'})"
+    if row["status"] == "skipped":
+        reason = str(row["skip_reason"] or "")
+        reason = reason if len(reason) <= limit else reason[: limit - 3] + "..."
+        return f"skipped: {reason}" if reason else "skipped"
+    return str(row["status"])
+
+
+def compatibility_matrix(frame: pd.DataFrame) -> Table:
+    """model × framework × device (× hardware) rows, one column per precision."""
+    precisions = list(dict.fromkeys(frame.sort_values(["precision_rank", "precision"])["precision"]))
+    keys = ["model", "framework", "device"] + (["hardware"] if frame["hardware"].nunique() > 1 else [])
+    rows = []
+    for key, group in frame.groupby(keys, sort=True):
+        cells = {r["precision"]: cell(r) for _, r in group.iterrows()}
+        rows.append([str(k) for k in key] + [cells.get(p, "not run") for p in precisions])
+    return Table("", [*keys, *precisions], rows)
