@@ -155,12 +155,19 @@ class PyTorchBackend:
         for module in self.model.modules():
             weight = getattr(module, "weight", None)
             quant_state = getattr(weight, "quant_state", None)
-            scb = getattr(weight, "SCB", None)
-            if quant_state is None and scb is None:
+            # LLM.int8(): scales live on the weight until the first forward, then in module.state
+            int8_state = getattr(module, "state", None)
+            is_int8 = type(module).__name__ == "Linear8bitLt"
+            if quant_state is None and not is_int8:
                 continue
             quantized_modules += 1
             quantized_params += quant_state.shape.numel() if quant_state is not None else weight.numel()
-            add(scb, quant_storages)
+            for tensor in (
+                getattr(weight, "SCB", None),
+                getattr(int8_state, "SCB", None),
+                getattr(int8_state, "CB", None),
+            ):
+                add(tensor, quant_storages)
             if quant_state is not None:
                 for state in (quant_state, getattr(quant_state, "state2", None)):
                     for name in ("absmax", "code", "offset"):
