@@ -67,13 +67,15 @@ class Capabilities:
     torch_cuda_build: str | None
     installed: frozenset[str]
     cpu_bf16: bool
+    tensorflow_gpu_build: bool = False  # the `tensorflow` wheel, not `tensorflow-cpu`
 
     @classmethod
     def detect(cls, env: Environment) -> Capabilities:
         names = {"torch", "transformers", "bitsandbytes", "tensorflow", "keras", "keras_hub"}
         names |= {"torch_xla"}
         installed = frozenset(n for n in names if importlib.util.find_spec(n) is not None)
-        return cls(tuple(env.gpus), env.torch_cuda_build, installed, cpu_runs_bf16_well(env.cpu_flags))
+        tf_gpu = "tensorflow" in env.libraries
+        return cls(tuple(env.gpus), env.torch_cuda_build, installed, cpu_runs_bf16_well(env.cpu_flags), tf_gpu)
 
     def gpu(self, device: str) -> GpuInfo | None:
         index = int(device.partition(":")[2] or 0)
@@ -123,6 +125,8 @@ def unsupported_reason(combo: Combo, caps: Capabilities) -> str | None:
             return f"{device} does not exist: this machine has {len(caps.gpus)} GPU(s)"
         if combo.framework == "pytorch" and caps.torch_cuda_build is None:
             return "the installed torch is a CPU build: install a CUDA build of torch"
+        if combo.framework == "tensorflow" and not caps.tensorflow_gpu_build:
+            return "tensorflow-cpu has no GPU support: pip install 'tensorflow[and-cuda]'"
         cc = float(gpu.compute_capability)
         if combo.precision == "int8" and cc < 7.5:
             return f"LLM.int8() needs compute capability >= 7.5; {gpu.name} has {cc}"

@@ -117,7 +117,7 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
         if kind == "causal-lm":
             na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
         else:
-            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS)
+            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens")
         if job.reference_path is None and job.write_reference_path is None:
             note = job.reference_note or "no reference output for this model and device"
             na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS)

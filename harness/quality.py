@@ -32,9 +32,60 @@ ENCODER_FIELDS = ("embed_cosine_mean", "embed_cosine_min", "rank_agree")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, called like a transformers tokenizer.
 
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    Where torch is already imported (PyTorch workers) or remote code is trusted, this is
+    transformers' AutoTokenizer. Otherwise (TensorFlow workers: `from transformers import
+    AutoTokenizer` imports torch) it is the `tokenizers` library on the directory's
+    tokenizer.json, with the file's own padding/truncation cleared as transformers does, giving
+    the same ids and masks for calls of the forms this module makes.
+    """
+    import json
+    import sys
+
+    path = Path(source)
+    if "torch" in sys.modules or trust_remote_code or not (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers
+        if (path / name).is_file():
+            settings.update(json.loads((path / name).read_text()))
+    pad = settings.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    pad_id = tokenizer.token_to_id(pad) if pad else None
+
+    def encode(
+        texts: str | list[str],
+        add_special_tokens: bool = True,
+        padding: bool = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> dict[str, Any]:
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        if truncation and max_length:
+            tokenizer.enable_truncation(max_length)
+        if padding:
+            if pad_id is None:
+                raise ValueError(f"{source}: padding needs a pad_token in tokenizer_config.json")
+            tokenizer.enable_padding(direction=settings.get("padding_side", "right"), pad_id=pad_id, pad_token=pad)
+        single = isinstance(texts, str)
+        encodings = tokenizer.encode_batch([texts] if single else texts, add_special_tokens=add_special_tokens)
+        out: dict[str, Any] = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+        }
+        if return_tensors == "np":
+            return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    return encode
 
 
 def eval_token_ids(source: str, options: RunOptions) -> np.ndarray:
@@ -187,7 +238,6 @@ def compare_encoder(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
         "embed_cosine_mean": float(cosine.mean()),
         "embed_cosine_min": float(cosine.min()),
         "rank_agree": spearman(pair_similarity(reference["embeddings"]), pair_similarity(candidate["embeddings"])),
-        "eval_tokens": None,
     }
 
 

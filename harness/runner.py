@@ -164,6 +164,14 @@ class Runner:
 
             return Record(combo.model, combo.framework, combo.precision, combo.device, "failed",
                           error_kind="error", error=one_line(exc))  # fmt: skip
+        if combo.framework == "tensorflow":
+            from harness.backends.keras_support import tensorflow_unsupported_reason
+
+            tf_reason = tensorflow_unsupported_reason(model.model_type, model.kind)
+            if tf_reason is not None:
+                return Record(
+                    combo.model, combo.framework, combo.precision, combo.device, "skipped", skip_reason=tf_reason
+                )
         read_ref, write_ref, ref_reason = (None, None, "")
         if options.quality:
             read_ref, write_ref, ref_reason = self.reference_paths(combo)
@@ -215,6 +223,8 @@ class Runner:
         if not record.device.startswith("cuda"):
             for name in ("peak_device_allocated_bytes", "peak_device_reserved_bytes", "device_process_bytes"):
                 record.na_reasons[name] = "host device: no separate device memory"
+        elif record.framework == "tensorflow" and record.peak_device_reserved_bytes is None:
+            record.na_reasons["peak_device_reserved_bytes"] = "TensorFlow does not report its allocator's reserved pool"
         return record
 
     # --- the whole matrix -------------------------------------------------------------------

@@ -7,6 +7,7 @@ RSS; RssAnon/RssFile/RssShmem give the split, sampled on a thread for the anonym
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +94,19 @@ class Timer:
     def __exit__(self, *exc: object) -> None:
         self.synchronize()
         self.elapsed_s = time.perf_counter() - self._start
+
+
+def copy_bandwidth_bytes_s(
+    copy: Callable[[], None], synchronize: Callable[[], None], size_bytes: int, repeats: int = 5
+) -> float:
+    """Median rate of `repeats` synchronized calls of `copy`, which moves `size_bytes` (read + written)."""
+    copy()  # warm-up: page in both buffers
+    rates = []
+    for _ in range(repeats):
+        with Timer(synchronize) as timer:
+            copy()
+        rates.append(2 * size_bytes / timer.elapsed_s)
+    return statistics.median(rates)
 
 
 def nvml_process_bytes(device_index: int, pid: int | None = None) -> int | None:

@@ -7,8 +7,6 @@ architectures), so the launcher can preload it once in the forkserver.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -278,16 +276,10 @@ class PyTorchBackend:
             after = outputs(reloaded.eval())
         return float((before - after).abs().max())
 
-    def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20, repeats: int = 5) -> float:
-        """Median of `repeats` timed copies of `size_bytes` (counts bytes read + written)."""
+    def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20) -> float:
+        """Device copy bandwidth: median of timed copies of `size_bytes` (bytes read + written)."""
+        from harness.trackers import copy_bandwidth_bytes_s
+
         src = torch.ones(size_bytes // 4, dtype=torch.float32, device=self.device)
         dst = torch.empty_like(src)
-        dst.copy_(src)  # warm-up: page in both buffers
-        rates = []
-        for _ in range(repeats):
-            self.synchronize()
-            start = time.perf_counter()
-            dst.copy_(src)
-            self.synchronize()
-            rates.append(2 * size_bytes / (time.perf_counter() - start))
-        return statistics.median(rates)
+        return copy_bandwidth_bytes_s(lambda: dst.copy_(src), self.synchronize, size_bytes)
