@@ -22,7 +22,7 @@ DEFAULT_REPORTS_DIR = Path("reports")
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The matrix axes and run options shared by `harness run` (the pytest plugin mirrors them)."""
     parser.add_argument("--models", help="comma list: zoo names, checkpoint dirs or hub ids (default: the zoo)")
-    parser.add_argument("--frameworks", help="comma list of pytorch, tensorflow (default: installed ones)")
+    parser.add_argument("--frameworks", help="comma list of pytorch, tensorflow (default: pytorch)")
     parser.add_argument("--precisions", help="comma list, e.g. fp32,bf16,int8,nf4 (default: all PyTorch ones)")
     parser.add_argument("--devices", help="comma list of cpu, cuda, cuda:N, xla (default: cpu + cuda if present)")
 
@@ -65,39 +65,21 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     )
 
 
-def selection_from_args(models: str | None, frameworks: str | None, precisions: str | None, devices: str | None):
-    """Build a validated Selection, filling each missing axis with its default."""
-    from harness.environment import collect_environment
-    from harness.matrix import (
-        DEFAULT_PRECISIONS,
-        Capabilities,
-        Selection,
-        default_devices,
-        default_frameworks,
-        split_list,
-    )
-    from harness.zoo import DEFAULT_MODELS
-
-    caps = Capabilities.detect(collect_environment())
-    return Selection(
-        models=split_list(models) or DEFAULT_MODELS,
-        frameworks=split_list(frameworks) or default_frameworks(caps),
-        precisions=split_list(precisions) or DEFAULT_PRECISIONS,
-        devices=split_list(devices) or default_devices(caps),
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from harness.environment import collect_environment
+    from harness.matrix import Capabilities, Selection
     from harness.printers import summary_table
     from harness.runner import Plan, Runner
     from harness.storage import RunWriter
 
     options = options_from_args(args)
-    plan = Plan.create(selection_from_args(args.models, args.frameworks, args.precisions, args.devices), options)
     env = collect_environment()
+    selection = Selection.from_lists(
+        args.models, args.frameworks, args.precisions, args.devices, Capabilities.detect(env)
+    )
+    plan = Plan.create(selection, options)
     writer = RunWriter(args.out, env, args.run_id)
     runner = Runner(plan, writer, env)
     combos = plan.combos()

@@ -67,8 +67,6 @@ class HarnessSession:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> HarnessSession:
-        from harness.cli import selection_from_args
-
         matrix_path = config.getoption("--matrix")
         matrix_file = load_matrix_file(matrix_path) if matrix_path else None
         axes = matrix_file.axes if matrix_file else {}
@@ -77,18 +75,19 @@ class HarnessSession:
             value = config.getoption(f"--{name}")
             return value if value else (",".join(axes[name]) if name in axes else None)
 
-        selection: Selection = selection_from_args(
-            axis("models"), axis("frameworks"), axis("precisions"), axis("devices")
+        env = collect_environment()
+        capabilities = Capabilities.detect(env)
+        selection = Selection.from_lists(
+            axis("models"), axis("frameworks"), axis("precisions"), axis("devices"), capabilities
         )
         benchmark = bool(config.getoption("--benchmark"))
         settings: dict[str, Any] = {"repeats": 1, "roundtrip": True, "throughput": benchmark}
         settings |= matrix_file.options if matrix_file else {}
         options = RunOptions(**settings)
         plan = Plan.create(selection, options)
-        env = collect_environment()
         combos = [
             c
-            for c in reference_first(plan.combos(), options, Capabilities.detect(env))
+            for c in reference_first(plan.combos(), options, capabilities)
             if matrix_file is None
             or all(matrix_file.allows(c.model, a, getattr(c, a[:-1])) for a in ("frameworks", "precisions", "devices"))
         ]
@@ -208,9 +207,9 @@ def harness_session(request: pytest.FixtureRequest) -> HarnessSession:
 
 
 @pytest.fixture
-def harness_record(combo: Combo, harness_session: HarnessSession) -> dict[str, Any]:
+def harness_record(harness_combo: Combo, harness_session: HarnessSession) -> dict[str, Any]:
     """The combination's record; skips with the matrix rule's reason, fails with the worker's error."""
-    record = harness_session.record_for(combo)
+    record = harness_session.record_for(harness_combo)
     if record.status == "skipped":
         pytest.skip(record.skip_reason or "unsupported")
     if record.status == "failed":

@@ -40,6 +40,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision("keras-int4", "tensorflow", "keras", "Keras int4 weight quantization"),
     )
 }
+# TensorFlow is opt-in (`--frameworks pytorch,tensorflow`): its workers are spawned, each paying
+# a ~8 s import, which would triple the default matrix's time.
+DEFAULT_FRAMEWORKS: tuple[str, ...] = ("pytorch",)
 DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|xla(:\d+)?)$")
 
@@ -142,12 +145,6 @@ def default_devices(caps: Capabilities) -> tuple[str, ...]:
     return ("cpu", "cuda") if caps.gpus else ("cpu",)
 
 
-def default_frameworks(caps: Capabilities) -> tuple[str, ...]:
-    """The frameworks whose packages are installed (pytorch at least, so its skips show)."""
-    found = tuple(f for f in FRAMEWORKS if framework_missing(f, caps) is None)
-    return found or ("pytorch",)
-
-
 def _check_names(kind: str, values: tuple[str, ...], known: tuple[str, ...] | dict) -> None:
     for value in values:
         if value not in known:
@@ -172,6 +169,25 @@ class Selection:
         for axis in ("models", "frameworks", "precisions", "devices"):
             if not getattr(self, axis):
                 raise UsageError(f"--{axis} is empty: name at least one")
+
+    @classmethod
+    def from_lists(
+        cls,
+        models: str | None,
+        frameworks: str | None,
+        precisions: str | None,
+        devices: str | None,
+        caps: Capabilities,
+    ) -> Selection:
+        """From comma lists (CLI, pytest options, matrix file); a missing axis takes its default."""
+        from harness.zoo import DEFAULT_MODELS
+
+        return cls(
+            models=split_list(models) or DEFAULT_MODELS,
+            frameworks=split_list(frameworks) or DEFAULT_FRAMEWORKS,
+            precisions=split_list(precisions) or DEFAULT_PRECISIONS,
+            devices=split_list(devices) or default_devices(caps),
+        )
 
     def combos(self) -> list[Combo]:
         """Every combination, in a stable order: model, framework, device, then precision."""

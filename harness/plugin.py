@@ -63,13 +63,13 @@ def _uses_harness(config: pytest.Config) -> bool:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "combo" not in metafunc.fixturenames:
+    if "harness_combo" not in metafunc.fixturenames:
         return
     session: HarnessSession | None = metafunc.config.stash.get(SESSION_KEY, None)
     if session is None:
         session = HarnessSession.from_config(metafunc.config)
         metafunc.config.stash[SESSION_KEY] = session
-    metafunc.parametrize("combo", [combo_param(c) for c in session.combos], scope="function")
+    metafunc.parametrize("harness_combo", [combo_param(c) for c in session.combos], scope="function")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
