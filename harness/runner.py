@@ -11,11 +11,13 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.config import RunOptions
 from harness.environment import Environment, collect_environment
+from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
-from harness.matrix import PRECISIONS, Capabilities, Combo, Selection, unsupported_reason
+from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
 from harness.models import ModelSource, materialize, resolve_model
 from harness.records import Record
 from harness.storage import RunWriter
@@ -67,6 +69,10 @@ def reference_first(combos: Iterable[Combo], options: RunOptions, capabilities: 
         return groups[(combo.model, combo.device)], 0 if is_ref else 1 + index
 
     return [c for _, c in sorted(enumerate(combos), key=key)]
+
+
+def _outcome(combo: Combo, status: str, **fields: Any) -> Record:
+    return Record(combo.model, combo.framework, combo.precision, combo.device, status, **fields)
 
 
 def _safe_name(text: str) -> str:
@@ -152,26 +158,19 @@ class Runner:
 
     def _measure(self, combo: Combo) -> Record:
         reason = unsupported_reason(combo, self.capabilities)
-        if reason is None and PRECISIONS[combo.precision].framework not in ("any", combo.framework):
-            reason = f"{combo.precision} does not apply to {combo.framework}"
         if reason is not None:
-            return Record(combo.model, combo.framework, combo.precision, combo.device, "skipped", skip_reason=reason)
+            return _outcome(combo, "skipped", skip_reason=reason)
         options = self.plan.options
         try:
             model = self.model(combo.model)
-        except Exception as exc:
-            from harness.errors import one_line
-
-            return Record(combo.model, combo.framework, combo.precision, combo.device, "failed",
-                          error_kind="error", error=one_line(exc))  # fmt: skip
+        except Exception as exc:  # a zoo build that fails is this combination's failure
+            return _outcome(combo, "failed", error_kind="error", error=one_line(exc))
         if combo.framework == "tensorflow":
             from harness.backends.keras_support import tensorflow_unsupported_reason
 
-            tf_reason = tensorflow_unsupported_reason(model.model_type, model.kind)
-            if tf_reason is not None:
-                return Record(
-                    combo.model, combo.framework, combo.precision, combo.device, "skipped", skip_reason=tf_reason
-                )
+            reason = tensorflow_unsupported_reason(model.model_type, model.kind)
+            if reason is not None:
+                return _outcome(combo, "skipped", skip_reason=reason)
         read_ref, write_ref, ref_reason = (None, None, "")
         if options.quality:
             read_ref, write_ref, ref_reason = self.reference_paths(combo)
@@ -198,10 +197,9 @@ class Runner:
 
     @staticmethod
     def _to_record(combo: Combo, model: ModelSource, main: WorkerResult, extra: list[WorkerResult]) -> Record:
-        base = dict(model=combo.model, framework=combo.framework, precision=combo.precision, device=combo.device)
         if not main.ok:
-            return Record(**base, status="failed", error_kind=main.error_kind, error=main.error,
-                          model_source=model.source, model_kind=model.kind, worker_wall_s=main.wall_s)  # fmt: skip
+            return _outcome(combo, "failed", error_kind=main.error_kind, error=main.error,
+                            model_source=model.source, model_kind=model.kind, worker_wall_s=main.wall_s)  # fmt: skip
         fields = dict(main.fields)
         reasons = fields.pop("na_reasons", {})
         samples = [main.fields["load_s"]] + [r.fields["load_s"] for r in extra if r.ok]
@@ -212,8 +210,8 @@ class Runner:
         fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples)
         if "load_bandwidth_bytes_s" in fields and fields.get("checkpoint_bytes"):
             fields["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / load_s
-        record = Record(**base, status="ok", model_source=model.source, worker_wall_s=main.wall_s,
-                        worker_start_s=main.start_s, na_reasons=reasons)  # fmt: skip
+        record = _outcome(combo, "ok", model_source=model.source, worker_wall_s=main.wall_s,
+                          worker_start_s=main.start_s, na_reasons=reasons)  # fmt: skip
         for name, value in fields.items():
             if name not in Record.__dataclass_fields__:
                 raise KeyError(f"worker returned unknown field {name!r}")
