@@ -154,7 +154,10 @@ def test_interrupt_keeps_finished_records(tmp_path: Path) -> None:
         sys.executable, "-m", "pytest", "suites/test_compat.py", "-q", "-x", "--models", "tiny-llama,tiny-gpt2,tiny-bert",
         "--precisions", "fp32,bf16,fp16", *CPU_PYTORCH, "--run-id", "interrupted", "-p", "no:randomly",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored
+    )  # fmt: skip
     results = tmp_path / "reports" / "interrupted" / "results.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):

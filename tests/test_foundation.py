@@ -51,16 +51,18 @@ def test_weight_bytes_rank_by_precision(zoo_run: list[dict[str, Any]], model: st
     gap = w["nf4"] - w["nf4-dq"]
     assert gap == r["nf4"]["quant_state_bytes"] - r["nf4-dq"]["quant_state_bytes"] > 0
     for precision in ("int8", "nf4", "nf4-dq", "fp4"):
-        assert r[precision]["quantized_modules"] > 0 and 0.5 < r[precision]["quantized_param_frac"] < 1
+        # minilm's 30k-token embedding (half its parameters) stays unquantized
+        assert r[precision]["quantized_modules"] > 0 and 0.4 < r[precision]["quantized_param_frac"] < 1
         assert r[precision]["param_count"] == r["fp32"]["param_count"]
     assert r["fp32"]["quant_state_bytes"] == 0 and r["fp32"]["quantized_param_frac"] == 0
 
 
 def test_zoo_models_are_shaped_like_llms(zoo_run: list[dict[str, Any]]) -> None:
     """Linear layers hold most weights, so 4-bit quantization cuts the tiny models by more than half."""
-    for model in ("tiny-llama", "tiny-gpt2", "tiny-bert"):
-        w = {p: rec["weight_bytes"] for p, rec in by_precision(zoo_run, model).items()}
-        assert w["nf4"] < 0.5 * w["bf16"], model
+    for model in ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-llama-trained"):
+        r = by_precision(zoo_run, model)
+        assert r["nf4"]["weight_bytes"] < 0.5 * r["bf16"]["weight_bytes"], model
+        assert r["nf4"]["quantized_param_frac"] > 0.6, model
 
 
 def test_rss_split_adds_up(zoo_run: list[dict[str, Any]]) -> None:
