@@ -203,13 +203,6 @@ def collect_environment() -> Environment:
     )
 
 
-def environment_from_dict(data: dict) -> Environment:
-    """Rebuild an Environment read back from environment.json."""
-    known = {k: v for k, v in data.items() if k in Environment.__dataclass_fields__}
-    known["gpus"] = [GpuInfo(**g) for g in known.get("gpus", [])]
-    return Environment(**known)
-
-
 def cpu_runs_bf16_well(cpu_flags: list[str]) -> bool:
     """bf16 arithmetic is native on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated."""
     return any(f in cpu_flags for f in ("avx512_bf16", "amx_bf16"))
