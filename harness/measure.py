@@ -107,12 +107,14 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
     if options.throughput:
         fields.update(measure_throughput(backend, kind, eval_ids, options))
     else:
-        na(fields, reasons, "throughput disabled (--no-throughput)", *decode_fields, "encode_samples_s")
+        na(fields, reasons, "throughput disabled (--no-throughput)", *decode_fields, "encode_samples_s",
+           "encode_samples_s_iqr", "prompt_length", "batch_size", "memory_bandwidth_bytes_s", "decode_roofline_tok_s")  # fmt: skip
     fields.update(roofline_fields(loaded | fields, job.memory_bandwidth_bytes_s))
     if kind != "causal-lm":
         na(fields, reasons, "encoders do not generate: no decode roofline", "decode_roofline_frac")
     if not options.quality:
-        na(fields, reasons, "quality disabled (--no-quality)", *CAUSAL_FIELDS, *ENCODER_FIELDS)
+        na(fields, reasons, "quality disabled (--no-quality)", *CAUSAL_FIELDS, *ENCODER_FIELDS,
+           "eval_tokens", "reference_precision")  # fmt: skip
     else:
         if kind == "causal-lm":
             na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
@@ -120,7 +122,7 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
             na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens")
         if job.reference_path is None and job.write_reference_path is None:
             note = job.reference_note or "no reference output for this model and device"
-            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS)
+            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "reference_precision")
         else:
             quality = measure_quality(backend, kind, eval_ids, options, job.reference_path, job.write_reference_path)
             fields.update(quality)

@@ -35,6 +35,11 @@ def test_records_carry_every_field_or_a_reason(zoo_run: list[dict[str, Any]]) ->
         for name in DEVICE_FIELDS:
             assert record[name] is None and "host device" in record["na_reasons"][name]
         assert record["env_id"] and record["run_id"] and record["finished_at"]
+        outcome_only = ("error_kind", "error", "skip_reason")
+        unexplained = [
+            k for k, v in record.items() if v is None and k not in record["na_reasons"] and k not in outcome_only
+        ]
+        assert not unexplained, (record["model"], record["precision"], unexplained)
         assert len(record["load_s_samples"]) == 2 and record["load_s"] == pytest.approx(
             sorted(record["load_s_samples"])[0] / 2 + sorted(record["load_s_samples"])[1] / 2
         )
