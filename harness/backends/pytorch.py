@@ -7,6 +7,7 @@ architectures), so the launcher can preload it once in the forkserver.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ class PyTorchBackend:
         self.model: Any = None
         self.storage_dtype: torch.dtype | None = None
         self.compute_dtype: torch.dtype | None = None
+        self.prefill_kwargs: dict[str, Any] = {}
 
     @staticmethod
     def _torch_device(device: str) -> torch.device:
@@ -120,6 +122,10 @@ class PyTorchBackend:
         if self.device.type == "xla":
             model = model.to(self.device)
         self.model = model.eval()
+        # Decided once here, not inside the timed prefill: generate's prefill keeps only the last logits.
+        self.prefill_kwargs = {"use_cache": True}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            self.prefill_kwargs["logits_to_keep"] = 1
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -216,15 +222,8 @@ class PyTorchBackend:
         ids = self._tensor(input_ids)
         if self.spec.kind != "causal-lm":
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        elif self._accepts_logits_to_keep():
-            self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         else:
-            self.model(input_ids=ids, use_cache=True)
-
-    def _accepts_logits_to_keep(self) -> bool:
-        import inspect
-
-        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self.model(input_ids=ids, **self.prefill_kwargs)
 
     def max_positions(self) -> int | None:
         config = self.model.config
