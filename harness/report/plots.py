@@ -28,6 +28,15 @@ def _figure(n: int) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n]
 
 
+def _panels(rows: pd.DataFrame) -> tuple[Figure, list[tuple[Axes, pd.DataFrame]]] | None:
+    """One subplot per model, device and hardware; None when there is nothing to draw."""
+    groups = [g for _, g in rows.groupby(FRONTIER_GROUP, sort=True)]
+    if not groups:
+        return None
+    fig, axes = _figure(len(groups))
+    return fig, list(zip(axes, groups, strict=True))
+
+
 def _title(group: pd.DataFrame) -> str:
     first = group.iloc[0]
     return f"{first['model']} on {first['device']}\n{first['hardware']}"
@@ -40,11 +49,11 @@ def _point_label(row: pd.Series, several_frameworks: bool) -> str:
 def plot_frontier(frame: pd.DataFrame, path: Path) -> Path | None:
     """Weight MB against quality loss per model and device, the Pareto frontier as a line."""
     ok = frame[(frame["status"] == "ok") & frame["quality_loss"].notna() & frame["weight_bytes"].notna()]
-    groups = [g for _, g in ok.groupby(FRONTIER_GROUP, sort=True)]
-    if not groups:
+    panels = _panels(ok)
+    if panels is None:
         return None
-    fig, axes = _figure(len(groups))
-    for ax, group in zip(axes, groups, strict=True):
+    fig, pairs = panels
+    for ax, group in pairs:
         several = group["framework"].nunique() > 1
         ax.scatter(group["weight_bytes"] / MB, group["quality_loss"], color="tab:gray", zorder=2)
         front = frontier_points(group, "memory")
@@ -66,11 +75,11 @@ def _bars(
 ) -> Path | None:
     ok = frame[frame["status"] == "ok"].assign(_value=lambda f: value(f))
     ok = ok[ok["_value"].notna()]
-    groups = [g for _, g in ok.groupby(FRONTIER_GROUP, sort=True)]
-    if not groups:
+    panels = _panels(ok)
+    if panels is None:
         return None
-    fig, axes = _figure(len(groups))
-    for ax, group in zip(axes, groups, strict=True):
+    fig, pairs = panels
+    for ax, group in pairs:
         several = group["framework"].nunique() > 1
         labels = [_point_label(r, several) for _, r in group.iterrows()]
         ax.bar(labels, group["_value"], color="tab:blue")
