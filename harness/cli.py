@@ -41,6 +41,9 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-throughput", action="store_true", help="skip prefill/decode/encode timing")
     parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--roundtrip", action="store_true", help="check a save/load round trip")
+    parser.add_argument("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
+    parser.add_argument("--available-memory", help="device memory to plan against instead of what is free, e.g. 8GiB")
+    parser.add_argument("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
 
@@ -62,6 +65,9 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         roundtrip=args.roundtrip,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+        available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
+        preflight=not args.no_preflight,
     )
 
 
@@ -71,19 +77,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.environment import collect_environment
     from harness.matrix import Capabilities, Selection
     from harness.printers import summary_table
+    from harness.records import Record
     from harness.runner import Plan, Runner
-    from harness.storage import RunWriter
+    from harness.storage import RunWriter, combo_key, read_records, write_command
 
+    if args.resume is not None:
+        args = resumed_args(args)
+    if args.shard:
+        from harness.shard import parse_shard, select_shard
+
+        parse_shard(args.shard)  # a bad --shard is a usage error before anything is written
     options = options_from_args(args)
     env = collect_environment()
     selection = Selection.from_lists(
         args.models, args.frameworks, args.precisions, args.devices, Capabilities.detect(env)
     )
     plan = Plan.create(selection, options)
-    writer = RunWriter(args.out, env, args.run_id)
+    if args.resume is not None:
+        writer = RunWriter.reopen(args.resume, env)
+        records = [Record.from_dict(r) for r in read_records(writer.path)]
+    else:
+        writer, records = RunWriter(args.out, env, args.run_id), []
+        write_command(writer.path, run_argv(args))
     runner = Runner(plan, writer, env)
     combos = plan.combos()
-    records = []
+    if args.shard:
+        combos = select_shard(combos, plan.models, options, args.shard)
+    done = {combo_key(r.to_dict()) for r in records}
+    combos = [c for c in combos if (c.model, c.framework, c.precision, c.device) not in done]
+    if args.resume is not None:
+        print(f"resuming {writer.path}: {len(done)} combinations finished, {len(combos)} to run", file=sys.stderr)
     with tqdm(total=len(combos), unit="combo", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for record in runner.run(combos, on_record=lambda r: bar.update(1)):
@@ -99,6 +122,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         write_report([writer.path], out=writer.path / "report", formats=("md", "html"))
     return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Predicted memory per model x precision, and where it fits: config.json only, no weights, no GPU."""
+    from harness.environment import collect_environment
+    from harness.matrix import Capabilities, Selection, split_list
+    from harness.preflight import plan_table
+    from harness.printers import plan_printers
+
+    capabilities = Capabilities.detect(collect_environment())
+    selection = Selection.from_lists(args.models, "pytorch", args.precisions, args.devices, capabilities)
+    options = RunOptions(
+        prompt_lengths=parse_int_list("prompt-lengths", args.prompt_lengths),
+        batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
+        new_tokens=args.new_tokens,
+        available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
+    )
+    budget = parse_bytes(args.budget_bytes) if args.budget_bytes else None
+    rows = plan_table(selection.models, selection.precisions, selection.devices, capabilities, options, budget)
+    printers = plan_printers()
+    for name in split_list(args.format) or ("table",):
+        if name not in printers:
+            raise UsageError(f"unknown --format '{name}': use one of {', '.join(printers)}")
+        print(printers[name](rows))
+    return 0
+
+
+def run_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments after `run` on this command line (what --resume repeats)."""
+    argv = list(getattr(args, "argv", None) or [])
+    return argv[argv.index("run") + 1 :] if "run" in argv else argv
+
+
+def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--resume RUN_DIR: the arguments that run was started with, overridden by any given again here."""
+    from harness.storage import read_command
+
+    stored = read_command(args.resume)
+    if stored is None:  # a run from before command.json: this command line says what to run
+        return args
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["run"]))
+    merged = vars(parser.parse_args(["run", *stored]))
+    merged |= {k: v for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
+    return argparse.Namespace(**merged)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -142,6 +210,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         budget_bytes=parse_bytes(args.budget_bytes) if args.budget_bytes else None,
         fail_on_regression_pct=args.fail_on_regression,
         quality_tolerance=args.quality_tolerance,
+        history=Path(args.history) if args.history else None,
+        prices=Path(args.prices) if args.prices else None,
     )
 
 
@@ -155,7 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=DEFAULT_REPORTS_DIR, help="reports dir (default ./reports)")
     run.add_argument("--run-id", help="name of the run dir (default: UTC timestamp)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--shard", metavar="I/N", help="run only shard I of N (deterministic, balanced by model size)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run: finished combos are kept")
     run.set_defaults(func=cmd_run)
+
+    plan = commands.add_parser(
+        "plan", help="predicted memory and fit per model x precision, before any download or load"
+    )
+    add_selection_arguments(plan)
+    plan.add_argument("--available-memory", help="device memory to plan against instead of what is free, e.g. 16GiB")
+    plan.add_argument("--budget-bytes", help="also check a memory budget, e.g. 12G")
+    plan.add_argument("--prompt-lengths", default="128", help="comma list (default 128): the KV cache uses the largest")
+    plan.add_argument("--batch-sizes", default="1", help="comma list (default 1): the KV cache uses the largest")
+    plan.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
+    plan.add_argument("--format", default="table", help="comma list of table, md, csv, json (default table)")
+    plan.set_defaults(func=cmd_plan)
 
     env = commands.add_parser("env", help="print this machine's fingerprint")
     env.set_defaults(func=cmd_env)
@@ -175,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-on-regression", type=float, metavar="PCT", help="exit 1 on a significant regression > PCT"
     )
     report.add_argument("--quality-tolerance", type=float, default=0.01, help="ppl_delta_frac (or 1-cosine) allowed")
+    report.add_argument("--history", metavar="DIR", help="earlier nights (one dir of run dirs each): trends, steps")
+    report.add_argument("--prices", metavar="FILE", help="TOML of price_per_hour per hardware label: cost columns")
     report.set_defaults(func=cmd_report)
     return parser
 
@@ -184,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `harness env | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except UsageError as exc:

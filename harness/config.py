@@ -14,7 +14,11 @@ class RunOptions:
 
     repeats: int = 3  # fresh-worker loads behind load_s
     timeout_s: float = 600.0  # per worker
-    memory_limit_bytes: int | None = None  # address-space budget for each worker beyond its baseline
+    memory_limit_bytes: int | None = None  # per worker: resident host memory beyond its baseline; CUDA allocator cap
+    preflight: bool = True  # skip combinations whose memory plan does not fit before any worker loads them
+    available_memory_bytes: int | None = None  # overrides the device's free memory in the pre-flight fit
+    tokenizer: str | None = None  # tokenizer dir or hub id for every model (--tokenizer)
+    model_tokenizers: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] tokenizer)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     throughput: bool = True
@@ -32,6 +36,10 @@ class RunOptions:
     greedy_tokens: int = 16
     reference: str | None = None  # precision that quality is measured against
 
+    def tokenizer_for(self, model: str) -> str | None:
+        """The tokenizer given for `model` (matrix file per model, else --tokenizer), or None."""
+        return dict(self.model_tokenizers).get(model, self.tokenizer)
+
     def __post_init__(self) -> None:
         positive = {
             "repeats": self.repeats,
@@ -48,8 +56,12 @@ class RunOptions:
                 raise UsageError(f"--{name} needs positive integers, got {list(values)}")
         if self.min_timing_s < 0 or self.warmup < 0:
             raise UsageError("--min-timing and --warmup cannot be negative")
-        if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
-            raise UsageError("--memory-limit must be positive")
+        for name, value in (
+            ("memory-limit", self.memory_limit_bytes),
+            ("available-memory", self.available_memory_bytes),
+        ):
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name} must be positive")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise UsageError(f"--eval-text {self.eval_text}: no such file; give a UTF-8 text file")
         if self.reference is not None:

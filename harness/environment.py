@@ -35,6 +35,9 @@ LIBRARIES = (
     "pytest-benchmark",
 )
 INTERESTING_CPU_FLAGS = re.compile(r"^(avx2|avx512.*|amx.*|fma|f16c|sse4_2)$")
+# A machine class's name (e.g. a CI runner label) and the software stack's name (e.g. a tox env).
+HARDWARE_LABEL_ENV = "HARNESS_HARDWARE_LABEL"
+STACK_ENV = "HARNESS_STACK"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Environment:
     cuda_driver_version: str | None = None
     torch_cuda_build: str | None = None
     libraries: dict[str, str] = field(default_factory=dict)
+    hardware_name: str | None = None  # $HARNESS_HARDWARE_LABEL: names this machine class in reports
+    stack: str | None = None  # $HARNESS_STACK: names the software stack (e.g. "min", "latest")
 
     @property
     def env_id(self) -> str:
@@ -73,17 +78,22 @@ class Environment:
 
     @property
     def hardware_id(self) -> str:
-        """Short hash of the hardware part only (used to match runs across nights)."""
+        """Short hash of the hardware part only (used to match runs across nights). A hardware
+        name ($HARNESS_HARDWARE_LABEL) is part of it: two labels on one box are two machines."""
         hw = {
             "cpu_model": self.cpu_model,
             "cpu_count": self.cpu_count,
             "gpus": [(g.name, g.memory_bytes) for g in self.gpus],
         }
+        if self.hardware_name:
+            hw["name"] = self.hardware_name
         return hashlib.sha256(json.dumps(hw, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def hardware_label(self) -> str:
-        """Human-readable hardware name for reports."""
+        """Human-readable hardware name for reports: $HARNESS_HARDWARE_LABEL, else CPU and GPUs."""
+        if self.hardware_name:
+            return self.hardware_name
         gpu = ", ".join(sorted({g.name for g in self.gpus}))
         return f"{self.cpu_model} x{self.cpu_count}" + (f" + {gpu}" if gpu else "")
 
@@ -200,6 +210,8 @@ def collect_environment() -> Environment:
         cuda_driver_version=cuda,
         torch_cuda_build=torch_cuda_build(),
         libraries=_library_versions(),
+        hardware_name=os.environ.get(HARDWARE_LABEL_ENV, "").strip() or None,
+        stack=os.environ.get(STACK_ENV, "").strip() or None,
     )
 
 

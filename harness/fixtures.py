@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness.config import RunOptions
+from harness.config import RunOptions, parse_bytes
 from harness.environment import Environment, collect_environment
 from harness.matrix import Capabilities, Combo, Selection
 from harness.matrixfile import MatrixFile, load_matrix_file
@@ -83,6 +83,12 @@ class HarnessSession:
         benchmark = bool(config.getoption("--benchmark"))
         settings: dict[str, Any] = {"repeats": 1, "roundtrip": True, "throughput": benchmark}
         settings |= matrix_file.options if matrix_file else {}
+        if config.getoption("--tokenizer"):
+            settings["tokenizer"] = config.getoption("--tokenizer")
+        if config.getoption("--available-memory"):
+            settings["available_memory_bytes"] = parse_bytes(config.getoption("--available-memory"))
+        if config.getoption("--no-preflight"):
+            settings["preflight"] = False
         options = RunOptions(**settings)
         plan = Plan.create(selection, options)
         combos = [

@@ -43,8 +43,26 @@ PRECISIONS: dict[str, Precision] = {
 # TensorFlow is opt-in (`--frameworks pytorch,tensorflow`): its workers are spawned, each paying
 # a ~8 s import, which would triple the default matrix's time.
 DEFAULT_FRAMEWORKS: tuple[str, ...] = ("pytorch",)
+BNB_4BIT = ("nf4", "nf4-dq", "fp4")
 DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|xla(:\d+)?)$")
+
+
+def torch_dtypes(precision: str, fast_bf16: bool) -> tuple[str, str]:
+    """(storage dtype of unquantized tensors, compute dtype) of a PyTorch precision, as names.
+
+    Quantized precisions keep embeddings, norms and head in 16-bit: bf16 where the device runs
+    it natively, else fp16; LLM.int8() multiplies in fp16, so int8 is always fp16. 4-bit layers
+    compute in bf16 where native, else fp32. Read by the backend (to load) and the memory plan.
+    """
+    if precision in ("fp32", "fp16", "bf16"):
+        name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+        return name, name
+    if precision == "int8":
+        return "float16", "float16"
+    if precision in BNB_4BIT:
+        return ("bfloat16", "bfloat16") if fast_bf16 else ("float16", "float32")
+    raise ValueError(f"precision {precision} is not a PyTorch precision")
 
 
 @dataclass(frozen=True, order=True)

@@ -23,6 +23,7 @@
     precisions = ["fp32", "nf4"]
     budgets = { max_load_s = 2.0 }
     tolerances = { nf4 = 1.0 }
+    tokenizer = "/path/to/tokenizer"   # for a weights-only checkpoint (else --tokenizer)
 
 Every key and value is validated; a bad one is a one-line error naming the file and the fix.
 """
@@ -43,7 +44,7 @@ AXES = ("models", "frameworks", "precisions", "devices")
 BUDGETS = ("max_load_s", "max_weight_bytes", "min_decode_tok_s", "max_kl_mean")
 # Field annotations are strings here (config.py uses `from __future__ import annotations`).
 OPTION_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(RunOptions)}
-MODEL_KEYS = ("precisions", "frameworks", "devices", "budgets", "tolerances")
+MODEL_KEYS = ("precisions", "frameworks", "devices", "budgets", "tolerances", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def load_matrix_file(path: Path) -> MatrixFile:
     except tomllib.TOMLDecodeError as exc:
         raise _fail(path, f"not valid TOML ({exc})") from None
     allowed = (*AXES, "options", "budgets", "tolerances")
-    axes, per_model, options = {}, {}, {}
+    axes, per_model, options, tokenizers = {}, {}, {}, {}
     for key, value in data.items():
         if key not in allowed:
             raise _fail(path, f"unknown key '{key}'; use one of {', '.join(allowed)}")
@@ -142,8 +143,14 @@ def load_matrix_file(path: Path) -> MatrixFile:
                     path, f"models.{name}.tolerances", table.get("tolerances", {}), tuple(PRECISIONS)
                 ),
             }
+            if "tokenizer" in table:
+                if not isinstance(table["tokenizer"], str):
+                    raise _fail(path, f"models.{name}.tokenizer must be a path or hub id string")
+                tokenizers[name] = table["tokenizer"]
     for key, value in (data.get("options") or {}).items():
         options[key] = _option(path, key, value)
+    if tokenizers:
+        options["model_tokenizers"] = tuple(tokenizers.items())
     try:
         RunOptions(**options)
     except UsageError as exc:

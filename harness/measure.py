@@ -13,18 +13,13 @@ from harness.trackers import HostMemoryTracker, Timer, proc_status
 FIRST_FORWARD_TOKENS = 16
 
 
-def checkpoint_bytes(source: str) -> int | None:
-    """Bytes of the weight files of a local directory or of a hub id already in the local cache."""
-    path = Path(source)
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
+def checkpoint_bytes(source: str, allow_pickle: bool = False) -> int | None:
+    """Bytes of exactly the weight files from_pretrained reads (a hub id is resolved to its local snapshot first)."""
+    from harness.models import weight_files
 
-            path = Path(snapshot_download(source, local_files_only=True))
-        except Exception:
-            return None
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".h5", ".weights")]
-    return sum(p.stat().st_size for p in weights) or None
+    if not Path(source).is_dir():
+        return None
+    return sum(p.stat().st_size for p in weight_files(source, allow_pickle)) or None
 
 
 def first_input(kind: str, vocab_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -41,7 +36,7 @@ def run_forward(backend: Backend, kind: str, batch: dict[str, np.ndarray]) -> np
 
 def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str, Any]:
     """Load the model and run the first forward; time both and track memory over both."""
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(backend.prepare())  # quantizer import and CUDA context: outside load_s
     backend.reset_device_peaks()
     with HostMemoryTracker() as memory:
         with Timer(backend.synchronize) as load_timer:
@@ -51,6 +46,7 @@ def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str,
             output = run_forward(backend, kind, first_input(kind, eval_ids))
     if not np.isfinite(output).all():
         raise FloatingPointError("the first forward pass produced non-finite outputs")
+    fields["first_forward_max_abs"] = float(np.abs(output).max())
     stats = backend.weight_stats()
     fields.update(
         load_s=load_timer.elapsed_s,
@@ -70,7 +66,8 @@ def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str,
         storage_dtype=stats.storage_dtype,
         compute_dtype=stats.compute_dtype,
         architecture=stats.architecture,
-        checkpoint_bytes=checkpoint_bytes(backend.spec.source),
+        quant_state_device=stats.quant_state_device,
+        checkpoint_bytes=checkpoint_bytes(backend.spec.source, backend.spec.allow_pickle),
     )
     fields.update(backend.device_memory())
     return fields
@@ -89,8 +86,13 @@ def roofline_fields(fields: dict[str, Any], bandwidth_bytes_s: float | None) -> 
     return out
 
 
-def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any]) -> dict[str, Any]:
-    """Throughput, roofline and quality for a loaded model (job: harness.worker.WorkerJob)."""
+def measure_after_load(
+    backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any], no_quality_reason: str | None = None
+) -> dict[str, Any]:
+    """Throughput, roofline and quality for a loaded model (job: harness.worker.WorkerJob).
+
+    `no_quality_reason`: why quality cannot be measured (e.g. the model has no tokenizer).
+    """
     from harness.quality import CAUSAL_FIELDS, ENCODER_FIELDS, measure_quality
     from harness.records import na
     from harness.throughput import measure_throughput
@@ -99,22 +101,34 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
     fields: dict[str, Any] = {"model_kind": kind}
     reasons: dict[str, str] = {}
     decode_fields = ("decode_tok_s", "decode_tok_s_iqr", "generate_tok_s", "ttft_s", "token_latency_p50_s",
-                     "token_latency_p90_s", "prefill_tok_s", "prefill_tok_s_iqr", "decode_roofline_frac", "new_tokens")  # fmt: skip
+                     "token_latency_p90_s", "prefill_tok_s", "prefill_tok_s_iqr", "decode_roofline_frac", "new_tokens", "prefill_logits")  # fmt: skip
     if kind == "causal-lm":
         na(fields, reasons, "encoder metric; this model is a causal LM", "encode_samples_s", "encode_samples_s_iqr")
     else:
         na(fields, reasons, "encoders do not generate: no prefill/decode", *decode_fields)
     if options.throughput:
         fields.update(measure_throughput(backend, kind, eval_ids, options))
+        if kind == "causal-lm":
+            fields["prefill_logits"] = backend.prefill_logits
     else:
         na(fields, reasons, "throughput disabled (--no-throughput)", *decode_fields, "encode_samples_s",
            "encode_samples_s_iqr", "prompt_length", "batch_size", "memory_bandwidth_bytes_s", "decode_roofline_tok_s")  # fmt: skip
     fields.update(roofline_fields(loaded | fields, job.memory_bandwidth_bytes_s))
     if kind != "causal-lm":
         na(fields, reasons, "encoders do not generate: no decode roofline", "decode_roofline_frac")
-    if not options.quality:
-        na(fields, reasons, "quality disabled (--no-quality)", *CAUSAL_FIELDS, *ENCODER_FIELDS,
-           "eval_tokens", "reference_precision")  # fmt: skip
+    quality_phase = ("peak_rss_quality_bytes", "peak_rss_anon_quality_bytes")
+    if not options.quality or no_quality_reason:
+        reason = no_quality_reason or "quality disabled (--no-quality)"
+        na(
+            fields,
+            reasons,
+            reason,
+            *CAUSAL_FIELDS,
+            *ENCODER_FIELDS,
+            "eval_tokens",
+            "reference_precision",
+            *quality_phase,
+        )
     else:
         if kind == "causal-lm":
             na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
@@ -124,7 +138,11 @@ def measure_after_load(backend: Backend, job: Any, eval_ids: np.ndarray, loaded:
             note = job.reference_note or "no reference output for this model and device"
             na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "reference_precision")
         else:
-            quality = measure_quality(backend, kind, eval_ids, options, job.reference_path, job.write_reference_path)
+            with HostMemoryTracker() as memory:
+                quality = measure_quality(backend, kind, eval_ids, options, job.reference_path,
+                                          job.write_reference_path, job.model.tokenizer)  # fmt: skip
+            quality.update(peak_rss_quality_bytes=memory.result.peak_rss_bytes,
+                           peak_rss_anon_quality_bytes=memory.result.peak_rss_anon_bytes)  # fmt: skip
             fields.update(quality)
             for name in quality:
                 reasons.pop(name, None)

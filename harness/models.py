@@ -17,21 +17,69 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model as the worker loads it: a local directory or a hub id."""
+    """A model as the worker loads it: a local directory (a hub id resolves to its cached snapshot)."""
 
     name: str  # as the user wrote it; used in ids and reports
-    source: str  # path or hub id passed to from_pretrained
-    kind: str | None  # causal-lm | encoder | None (decided after reading the config)
+    source: str  # path (or, before resolution, hub id) passed to from_pretrained
+    kind: str | None  # causal-lm | encoder | encoder-decoder | other-head (decided from config.json)
     model_type: str | None  # config.json's model_type, when known before loading
     is_local: bool
+    revision: str | None = None  # hub snapshot commit hash
+    tokenizer: str | None = None  # tokenizer dir or hub id; None: the model has none (quality is null)
+    architecture: str | None = None  # config.json's first architecture
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def model_kind_from_config(config: dict) -> str:
-    """causal-lm when an architecture has a language-model head, else encoder."""
+    """causal-lm (an LM head), encoder (an encoder-only base or head), encoder-decoder (T5, BART),
+    or other-head (a decoder-only architecture with a non-LM head, e.g. sequence classification)."""
     architectures = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        return "encoder-decoder"
     if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
         return "causal-lm"
-    return "encoder" if architectures else "causal-lm"
+    if not architectures:
+        return "causal-lm"
+    if _is_decoder_only(config.get("model_type")):
+        return "other-head"
+    return "encoder"
+
+
+def _is_decoder_only(model_type: str | None) -> bool:
+    """Is this model_type one transformers builds as a causal LM (so a non-LM head is not an encoder)?"""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
+    except ImportError:
+        return False
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type in MODEL_MAPPING_NAMES
+        and model_type not in MASKED
+    )
+
+
+def unsupported_model_reason(model: ModelSource) -> str | None:
+    """Why the harness does not load this model at all (decided before any worker starts)."""
+    architecture = model.architecture or model.model_type
+    if model.kind == "encoder-decoder":
+        return (
+            f"{architecture} is an encoder-decoder model, not a causal LM or an encoder: "
+            "the harness measures decoder-only LMs and encoders, and never loads it as the wrong class"
+        )
+    if model.kind == "other-head":
+        return (
+            f"{architecture} has a task head, not a language-model head: give the ...ForCausalLM checkpoint; "
+            "the harness never loads it as the wrong class"
+        )
+    return None
 
 
 def _looks_like_path(entry: str) -> bool:
@@ -73,10 +121,48 @@ def _natively_supported(config: dict) -> bool:
     return config.get("model_type") in CONFIG_MAPPING_NAMES
 
 
-def resolve_model(entry: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelSource:
-    """Zoo name, local checkpoint directory, or hub id; anything else is a usage error."""
+def _from_directory(
+    name: str, path: Path, config: dict, tokenizer: str | None, revision: str | None = None
+) -> ModelSource:
+    tokenizer = tokenizer or (str(path) if has_tokenizer(path) else None)
+    architectures = config.get("architectures") or [None]
+    return ModelSource(name, str(path), model_kind_from_config(config), config.get("model_type"), True,
+                       revision, tokenizer, architectures[0])  # fmt: skip
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub id: from the Hugging Face cache, else downloaded (weights,
+    config, tokenizer only). With HF_HUB_OFFLINE=1 a model missing from the cache is a one-line error."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    fill = (
+        f"fill the cache on a connected machine (`hf download {repo_id}`, cache dir {constants.HF_HUB_CACHE}) "
+        "and copy it here, or point --models at a local checkpoint directory"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1: {fill}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as exc:
+        raise UsageError(f"'{repo_id}' could not be downloaded ({type(exc).__name__}): {fill}") from None
+
+
+def resolve_model(
+    entry: str, allow_pickle: bool = False, trust_remote_code: bool = False, tokenizer: str | None = None
+) -> ModelSource:
+    """Zoo name, local checkpoint directory, or hub id (resolved to its cached snapshot);
+    anything else is a usage error. `tokenizer` (--tokenizer) overrides the model's own."""
+    if tokenizer is not None and _looks_like_path(tokenizer) and not Path(tokenizer).expanduser().is_dir():
+        raise UsageError(f"--tokenizer '{tokenizer}' is not a directory: give a tokenizer directory or a hub id")
+    if tokenizer is not None and Path(tokenizer).expanduser().is_dir():
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
     if entry in ZOO:
-        return ModelSource(entry, str(entry), ZOO[entry].kind, None, True)
+        return ModelSource(entry, str(entry), ZOO[entry].kind, None, True, None, tokenizer)
     if _looks_like_path(entry):
         if not entry.startswith(("/", ".", "~")) and not Path(entry).exists() and "/" not in entry:
             raise UsageError(
@@ -84,8 +170,10 @@ def resolve_model(entry: str, allow_pickle: bool = False, trust_remote_code: boo
             )
         path = Path(entry).expanduser()
         config = _check_local_dir(entry, path, allow_pickle, trust_remote_code)
-        return ModelSource(entry, str(path.resolve()), model_kind_from_config(config), config.get("model_type"), True)
-    return ModelSource(entry, entry, None, None, False)
+        return _from_directory(entry, path.resolve(), config, tokenizer)
+    path = hub_snapshot(entry)
+    config = _check_local_dir(entry, path, allow_pickle, trust_remote_code)
+    return _from_directory(entry, path, config, tokenizer, revision=path.name)
 
 
 def materialize(model: ModelSource) -> ModelSource:
@@ -93,16 +181,49 @@ def materialize(model: ModelSource) -> ModelSource:
     if model.name in ZOO and model.source == model.name:
         path = ensure_built(model.name)
         config = json.loads((path / "config.json").read_text())
-        return ModelSource(model.name, str(path), model.kind, config.get("model_type"), True)
+        return _from_directory(model.name, path, config, model.tokenizer)
     return model
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def weight_files(source: str, allow_pickle: bool = False) -> list[Path]:
+    """Exactly the weight files from_pretrained reads from a local checkpoint directory.
+
+    safetensors first (the shards an index names, else model.safetensors), pickle only where
+    allowed and no safetensors exist. A shard the index names but the directory lacks raises
+    FileNotFoundError naming it. Other formats beside them (.h5, .msgpack, a second copy as .bin)
+    are not read, so they are not counted.
+    """
+    path = Path(source)
+    for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
+        if index_name == PICKLE_INDEX and not allow_pickle:
+            break
+        if (path / index_name).is_file():
+            index = json.loads((path / index_name).read_text())
+            names = sorted(set(index.get("weight_map", {}).values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"shard {missing[0]} is named in {index_name} but missing from {path}: "
+                    "re-download or re-save the checkpoint"
+                )
+            return [path / n for n in names]
+        if (path / single).is_file():
+            return [path / single]
+    return sorted(path.glob("*.safetensors"))
+
+
 def check_safetensors_files(source: str) -> None:
-    """Raise a one-line error if a local safetensors file is truncated or its header is corrupt."""
+    """Raise a one-line error if a shard is missing, or a safetensors file is truncated or its header corrupt."""
     path = Path(source)
     if not path.is_dir():
         return
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(source):
+        if file.suffix != ".safetensors":
+            continue
         size = file.stat().st_size
         fix = "re-save or re-download the checkpoint"
         with open(file, "rb") as handle:

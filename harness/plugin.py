@@ -33,8 +33,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--precisions", help="comma list: fp32,fp16,bf16,int8,nf4,nf4-dq,fp4,keras-int8,keras-int4")
     group.addoption("--devices", help="comma list: cpu, cuda, cuda:N, xla")
     group.addoption("--matrix", type=Path, help="TOML matrix file (axes, options, budgets, tolerances)")
+    group.addoption("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
+    group.addoption("--available-memory", help="device memory the pre-flight plans against, e.g. 8GiB")
+    group.addoption("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
     group.addoption("--reports-dir", type=Path, help="where run dirs go (default: <rootdir>/reports)")
     group.addoption("--run-id", help="name of this run's dir (default: UTC timestamp)")
+    group.addoption("--shard", metavar="I/N", help="run only shard I of N of the matrix (balanced by model size)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,16 +53,32 @@ def pytest_configure(config: pytest.Config) -> None:
         session = HarnessSession.from_config(config)
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _apply_shard(config, session)
     config.stash[SESSION_KEY] = session
     for marker in session.marker_names():
         config.addinivalue_line("markers", f"{marker}: harness matrix axis value")
+
+
+def _apply_shard(config: pytest.Config, session: HarnessSession) -> None:
+    """--shard I/N keeps that shard's combinations (the same split as `harness run --shard`)."""
+    spec = config.getoption("--shard")
+    if spec:
+        from harness.shard import select_shard
+
+        try:
+            session.combos = select_shard(session.combos, session.plan.models, session.plan.options, spec)
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def _uses_harness(config: pytest.Config) -> bool:
     """Set the session up only when a suite will be collected, so `pytest tests/` stays light."""
     args = [str(a) for a in config.args]
     return any("suites" in Path(a).parts or Path(a).name.startswith("suites") for a in args) or bool(
-        config.getoption("--matrix") or config.getoption("--models") or config.getoption("--benchmark")
+        config.getoption("--matrix")
+        or config.getoption("--models")
+        or config.getoption("--benchmark")
+        or config.getoption("--shard")
     )
 
 
@@ -68,6 +88,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session: HarnessSession | None = metafunc.config.stash.get(SESSION_KEY, None)
     if session is None:
         session = HarnessSession.from_config(metafunc.config)
+        _apply_shard(metafunc.config, session)
         metafunc.config.stash[SESSION_KEY] = session
     metafunc.parametrize("harness_combo", [combo_param(c) for c in session.combos], scope="function")
 

@@ -55,3 +55,55 @@ def summary_table(records: Iterable[dict[str, Any]]) -> str:
             ]
         )
     return markdown(headers, rows)
+
+
+PLAN_COLUMNS = (
+    ("model", "model"), ("precision", "precision"), ("weight_bytes", "weights"), ("kv_cache_bytes", "KV"),
+    ("activation_bytes", "activations"), ("load_transient_bytes", "load"), ("needed_bytes", "needs"),
+)  # fmt: skip
+
+
+def _plan_cells(row: dict[str, Any]) -> list[str]:
+    from harness.units import human_bytes
+
+    cells = [str(row[k]) if not k.endswith("_bytes") else human_bytes(row[k]) for k, _ in PLAN_COLUMNS]
+    return cells + [{True: "yes", False: "no", None: "?"}[row[k]] for k in row if k.startswith("fits_")]
+
+
+def _plan_headers(rows: list[dict[str, Any]]) -> list[str]:
+    fits = [k.removeprefix("fits_") for k in rows[0] if k.startswith("fits_")] if rows else []
+    return [label for _, label in PLAN_COLUMNS] + [f"fits {name}" for name in fits]
+
+
+def plan_text(rows: list[dict[str, Any]]) -> str:
+    """An aligned terminal table (needs = peak + the worker runtime; fits leave a 5 % margin)."""
+    table = [_plan_headers(rows)] + [_plan_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plan_markdown(rows: list[dict[str, Any]]) -> str:
+    return markdown(_plan_headers(rows), [_plan_cells(r) for r in rows])
+
+
+def plan_csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().rstrip("\n")
+
+
+def plan_json(rows: list[dict[str, Any]]) -> str:
+    import json
+
+    return json.dumps(rows, indent=2)
+
+
+def plan_printers() -> dict[str, Any]:
+    """`harness plan --format` names and their printers."""
+    return {"table": plan_text, "md": plan_markdown, "csv": plan_csv, "json": plan_json}

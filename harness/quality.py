@@ -17,7 +17,8 @@ from harness.backends.base import Backend
 from harness.config import RunOptions
 from harness.corpus import eval_text
 
-CHUNK_TOKENS = 256
+CHUNK_TOKENS = 256  # tokens per forward of the quality pass: its logits are CHUNK_TOKENS x vocab x 4 bytes
+COMPARE_BLOCK_TOKENS = 32  # rows per float64 block of the comparison
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_BLOCK = 32  # tokens per resampled block: neighbouring tokens are correlated
 ENCODER_SENTENCES = 32
@@ -27,6 +28,7 @@ SEED = 0
 CAUSAL_FIELDS = (
     "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", "kl_p99", "top1_agree", "ppl", "ppl_delta_frac",
     "ppl_delta_frac_ci_low", "ppl_delta_frac_ci_high", "max_abs_logit_diff", "greedy_match_frac",
+    "greedy_token_agree", "greedy_tokens_generated",
 )  # fmt: skip
 ENCODER_FIELDS = ("embed_cosine_mean", "embed_cosine_min", "rank_agree")
 
@@ -95,6 +97,28 @@ def eval_token_ids(source: str, options: RunOptions) -> np.ndarray:
     return np.asarray(ids[: options.eval_tokens], dtype=np.int64)
 
 
+NO_TOKENIZER_REASON = "no tokenizer: pass --tokenizer"
+
+
+def model_eval_ids(model: Any, options: RunOptions) -> tuple[np.ndarray, str | None]:
+    """(eval token ids, why quality cannot be measured or None) for a harness.models.ModelSource.
+
+    With a tokenizer: the eval text's ids. Without one, load, size and throughput still run, on
+    seeded token ids drawn from the model's vocabulary; quality needs real text, so its fields
+    are null with NO_TOKENIZER_REASON.
+    """
+    if model.tokenizer is not None:
+        return eval_token_ids(model.tokenizer, options), None
+    import json
+
+    config = json.loads((Path(model.source) / "config.json").read_text())
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not vocab:
+        raise ValueError(f"{model.source}: no tokenizer and no vocab_size in config.json: pass --tokenizer")
+    rng = np.random.default_rng(SEED)
+    return rng.integers(0, int(vocab), options.eval_tokens, dtype=np.int64), NO_TOKENIZER_REASON
+
+
 def eval_sentences(options: RunOptions, count: int = ENCODER_SENTENCES) -> list[str]:
     """Sentences of the evaluation text, for embedding comparisons."""
     text = re.sub(r"\s+", " ", eval_text(options.eval_text))
@@ -113,19 +137,32 @@ def sentence_pairs(count: int) -> np.ndarray:
 # --- producing outputs ------------------------------------------------------------------------
 
 
-def causal_outputs(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, np.ndarray]:
-    """Logits over the eval text in chunks, and greedy continuations of K prompts."""
+def eval_chunks(ids: np.ndarray) -> np.ndarray:
+    """The eval ids as [chunks, CHUNK_TOKENS] rows (one forward each), the tail dropped."""
     usable = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS or len(ids)
     chunk = min(CHUNK_TOKENS, usable)
-    chunks = ids[:usable].reshape(-1, chunk)
-    logits = np.concatenate([backend.logits(row[None, :])[0] for row in chunks]).astype(np.float32)
+    return ids[:usable].reshape(-1, chunk)
+
+
+def greedy_outputs(backend: Backend, ids: np.ndarray, options: RunOptions) -> np.ndarray:
+    """Greedy continuations of K prompts spread over the eval text: [K, greedy_tokens]."""
     prompt_len = 16
     starts = np.linspace(0, max(len(ids) - prompt_len, 0), options.greedy_prompts).astype(int)
     prompts = np.stack([ids[s : s + prompt_len] for s in starts])
     greedy = backend.generate(prompts, options.greedy_tokens)
     if greedy.shape != (len(prompts), options.greedy_tokens):
         raise RuntimeError(f"greedy generation returned {greedy.shape[1]} tokens, asked for {options.greedy_tokens}")
-    return {"logits": logits, "chunks": chunks, "greedy": greedy}
+    return greedy
+
+
+def causal_outputs(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, np.ndarray]:
+    """All logits over the eval text and the greedy continuations, in memory (small models and tests).
+
+    measure_quality does not use this: it streams chunk by chunk so its peak stays one chunk's logits.
+    """
+    chunks = eval_chunks(ids)
+    logits = np.concatenate([backend.logits(row[None, :])[0] for row in chunks]).astype(np.float32)
+    return {"logits": logits, "chunks": chunks, "greedy": greedy_outputs(backend, ids, options)}
 
 
 def encoder_outputs(backend: Backend, tokenizer, options: RunOptions) -> dict[str, np.ndarray]:
@@ -153,12 +190,64 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _next_token_nll(logprobs: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of each next token, within each chunk."""
-    per_chunk = logprobs.reshape(chunks.shape[0], chunks.shape[1], -1)
-    targets = chunks[:, 1:]
-    picked = np.take_along_axis(per_chunk[:, :-1, :], targets[..., None], axis=-1)[..., 0]
-    return -picked.reshape(-1)
+class CausalComparison:
+    """Per-token KL, next-token NLL and top-1 agreement, accumulated one chunk at a time.
+
+    Each chunk's float64 work runs in blocks of COMPARE_BLOCK_TOKENS rows, so the comparison
+    holds a few [block, vocab] float64 arrays at once, never [tokens, vocab]: a 128k vocabulary
+    costs about 1 MB per token and copy in float64.
+    """
+
+    def __init__(self) -> None:
+        self.kl: list[np.ndarray] = []
+        self.nll_ref: list[np.ndarray] = []
+        self.nll_cand: list[np.ndarray] = []
+        self.top1: list[np.ndarray] = []
+        self.max_abs_logit_diff = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, chunk_ids: np.ndarray) -> None:
+        """Compare one chunk: logits [tokens, vocab] of both, and the chunk's token ids."""
+        targets = chunk_ids[1:]
+        for start in range(0, len(chunk_ids), COMPARE_BLOCK_TOKENS):
+            stop = min(start + COMPARE_BLOCK_TOKENS, len(chunk_ids))
+            ref_block = np.asarray(reference[start:stop], dtype=np.float32)
+            cand_block = np.asarray(candidate[start:stop], dtype=np.float32)
+            self.max_abs_logit_diff = max(self.max_abs_logit_diff, float(np.abs(ref_block - cand_block).max()))
+            ref_lp, cand_lp = _log_softmax(ref_block), _log_softmax(cand_block)
+            kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
+            self.kl.append(np.maximum(kl, 0.0))  # rounding can leave -1e-17 where the distributions are equal
+            self.top1.append(ref_lp.argmax(-1) == cand_lp.argmax(-1))
+            rows = np.arange(start, min(stop, len(targets)))  # the last position has no next token
+            picked = targets[rows]
+            self.nll_ref.append(-ref_lp[rows - start, picked])
+            self.nll_cand.append(-cand_lp[rows - start, picked])
+
+    def result(self, greedy_reference: np.ndarray, greedy_candidate: np.ndarray) -> dict[str, Any]:
+        kl, nll_ref, nll_cand = np.concatenate(self.kl), np.concatenate(self.nll_ref), np.concatenate(self.nll_cand)
+        ppl_ref, ppl = float(np.exp(nll_ref.mean())), float(np.exp(nll_cand.mean()))
+        kl_low, kl_high = bootstrap_ci(kl, lambda idx: kl[idx].mean())
+        delta_low, delta_high = bootstrap_ci(
+            nll_ref, lambda idx: np.exp(nll_cand[idx].mean() - nll_ref[idx].mean()) - 1
+        )
+        steps = greedy_reference.shape[1]
+        diverge = first_divergence(greedy_reference, greedy_candidate)
+        return {
+            "kl_mean": float(kl.mean()),
+            "kl_mean_ci_low": kl_low,
+            "kl_mean_ci_high": kl_high,
+            "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agree": float(np.concatenate(self.top1).mean()),
+            "ppl": ppl,
+            "ppl_delta_frac": ppl / ppl_ref - 1.0,
+            "ppl_delta_frac_ci_low": delta_low,
+            "ppl_delta_frac_ci_high": delta_high,
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "greedy_match_frac": float(np.mean([steps if d is None else d for d in diverge]) / steps),
+            "greedy_token_agree": float((greedy_reference == greedy_candidate).mean()),
+            "greedy_tokens_generated": int(greedy_candidate.shape[1]),
+            "greedy_first_diverge": diverge,
+            "eval_tokens": int(kl.size),
+        }
 
 
 def bootstrap_ci(
@@ -187,32 +276,17 @@ def first_divergence(reference: np.ndarray, candidate: np.ndarray) -> list[int |
 
 
 def compare_causal(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
-    """KL, top-1, perplexity (with bootstrap CIs), max logit difference, greedy agreement."""
-    ref_lp, cand_lp = _log_softmax(reference["logits"]), _log_softmax(candidate["logits"])
-    kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
-    kl = np.maximum(kl, 0.0)  # rounding can leave -1e-17 where the distributions are equal
-    nll_ref = _next_token_nll(ref_lp, reference["chunks"])
-    nll_cand = _next_token_nll(cand_lp, reference["chunks"])
-    ppl_ref, ppl = float(np.exp(nll_ref.mean())), float(np.exp(nll_cand.mean()))
-    kl_low, kl_high = bootstrap_ci(kl, lambda idx: kl[idx].mean())
-    delta_low, delta_high = bootstrap_ci(nll_ref, lambda idx: np.exp(nll_cand[idx].mean() - nll_ref[idx].mean()) - 1)
-    steps = reference["greedy"].shape[1]
-    diverge = first_divergence(reference["greedy"], candidate["greedy"])
-    return {
-        "kl_mean": float(kl.mean()),
-        "kl_mean_ci_low": kl_low,
-        "kl_mean_ci_high": kl_high,
-        "kl_p99": float(np.percentile(kl, 99)),
-        "top1_agree": float((ref_lp.argmax(-1) == cand_lp.argmax(-1)).mean()),
-        "ppl": ppl,
-        "ppl_delta_frac": ppl / ppl_ref - 1.0,
-        "ppl_delta_frac_ci_low": delta_low,
-        "ppl_delta_frac_ci_high": delta_high,
-        "max_abs_logit_diff": float(np.abs(reference["logits"] - candidate["logits"]).max()),
-        "greedy_match_frac": float(np.mean([steps if d is None else d for d in diverge]) / steps),
-        "greedy_first_diverge": diverge,
-        "eval_tokens": int(kl.size),
-    }
+    """KL, top-1, perplexity (with bootstrap CIs), max logit difference, greedy agreement.
+
+    `logits` are [tokens, vocab] over the reference's `chunks` (rows of token ids), in order.
+    """
+    chunks = reference["chunks"]
+    comparison = CausalComparison()
+    width = chunks.shape[1]
+    for index, row in enumerate(chunks):
+        rows = slice(index * width, (index + 1) * width)
+        comparison.add(reference["logits"][rows], candidate["logits"][rows], row)
+    return comparison.result(reference["greedy"], candidate["greedy"])
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -241,6 +315,65 @@ def compare_encoder(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     }
 
 
+def logits_path(reference_path: str) -> Path:
+    """The reference's logits live beside its .npz as a .npy that workers memory-map."""
+    return Path(reference_path).with_suffix(".logits.npy")
+
+
+def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def causal_quality(
+    backend: Backend, eval_ids: np.ndarray, options: RunOptions, reference_path: str | None, write_path: str | None
+) -> dict[str, Any]:
+    """Stream the eval text chunk by chunk: write each chunk's logits (reference) and/or compare them.
+
+    The reference's logits go to a memory-mapped .npy, so no worker ever holds [tokens, vocab].
+    """
+    chunks = eval_chunks(eval_ids)
+    writer = None
+    reference_logits = None
+    comparison = CausalComparison()
+    if reference_path is not None and reference_path != write_path:
+        reference_logits = np.load(logits_path(reference_path), mmap_mode="r")
+        with np.load(reference_path) as data:
+            reference_chunks = data["chunks"]
+        if reference_chunks.shape != chunks.shape or not (reference_chunks == chunks).all():
+            raise ValueError("the eval tokens differ from the reference's: both must use the same tokenizer and text")
+    width = chunks.shape[1]
+    for index, row in enumerate(chunks):
+        logits = backend.logits(row[None, :])[0]
+        if write_path is not None:
+            if writer is None:
+                Path(write_path).parent.mkdir(parents=True, exist_ok=True)
+                tmp = logits_path(write_path).with_suffix(".tmp.npy")
+                writer = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.float32, shape=(chunks.size, logits.shape[-1])
+                )
+            writer[index * width : (index + 1) * width] = logits
+        if reference_logits is not None:
+            comparison.add(reference_logits[index * width : (index + 1) * width], logits, row)
+        elif reference_path is not None:  # the reference compared with itself
+            comparison.add(logits, logits, row)
+        del logits
+    greedy = greedy_outputs(backend, eval_ids, options)
+    if writer is not None:
+        writer.flush()
+        tmp_name = writer.filename
+        del writer
+        Path(tmp_name).replace(logits_path(write_path))
+        _atomic_savez(write_path, {"chunks": chunks, "greedy": greedy})
+    if reference_path is None:
+        return {}
+    with np.load(reference_path) as data:
+        reference_greedy = data["greedy"]
+    return comparison.result(reference_greedy, greedy)
+
+
 def measure_quality(
     backend: Backend,
     kind: str,
@@ -248,19 +381,17 @@ def measure_quality(
     options: RunOptions,
     reference_path: str | None,
     write_reference_path: str | None,
+    tokenizer_source: str | None = None,
 ) -> dict[str, Any]:
     """Produce this combination's outputs; write them as the reference or compare with it."""
     if kind == "causal-lm":
-        outputs = causal_outputs(backend, eval_ids, options)
-    else:
-        outputs = encoder_outputs(backend, load_tokenizer(backend.spec.source, options.trust_remote_code), options)
+        return causal_quality(backend, eval_ids, options, reference_path, write_reference_path)
+    tokenizer = load_tokenizer(tokenizer_source or backend.spec.source, options.trust_remote_code)
+    outputs = encoder_outputs(backend, tokenizer, options)
     if write_reference_path:
-        Path(write_reference_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(write_reference_path + ".tmp.npz")
-        np.savez(tmp, **outputs)
-        tmp.replace(write_reference_path)
+        _atomic_savez(write_reference_path, outputs)
     if reference_path is None:
         return {}
     with np.load(reference_path) as data:
         reference = dict(data)
-    return compare_causal(reference, outputs) if kind == "causal-lm" else compare_encoder(reference, outputs)
+    return compare_encoder(reference, outputs)

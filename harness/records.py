@@ -36,7 +36,9 @@ class Record:
     na_reasons: dict[str, str] = field(default_factory=dict)  # null field -> why
 
     # --- what was loaded --------------------------------------------------------------------
-    model_source: str | None = None  # local path or hub id handed to from_pretrained
+    model_source: str | None = None  # local path handed to from_pretrained (a hub id resolves to its cached snapshot)
+    model_revision: str | None = None  # hub snapshot commit hash (hub ids only)
+    tokenizer_source: str | None = None  # where the tokenizer came from (--tokenizer, or the model dir)
     model_kind: str | None = None  # causal-lm | encoder
     architecture: str | None = None  # e.g. LlamaForCausalLM
     param_count: int | None = None  # logical parameters (a 4-bit weight counts per element)
@@ -45,24 +47,35 @@ class Record:
     quantized_modules: int | None = None  # linear layers replaced by the quantizer
     quantized_param_frac: float | None = None  # share of parameters that were quantized
     quant_state_bytes: int | None = None  # absmax/scales/codebooks kept by the quantizer
+    quant_state_device: str | None = None  # device the quantized weights and their states live on
 
     # --- timing: loading --------------------------------------------------------------------
     import_s: float | None = None  # framework import in a fresh interpreter, once per run
+    quantizer_import_s: float | None = (
+        None  # the precision's quantizer/loader library import, in the worker, before load_s
+    )
+    device_init_s: float | None = None  # CUDA context creation in the worker, before load_s (not inside it)
     load_s: float | None = None  # median over fresh workers: from_pretrained to synchronized
     load_s_samples: list[float] = field(default_factory=list)
     load_s_iqr: float | None = None
     first_forward_s: float | None = None  # first forward after load, synchronized
+    first_forward_max_abs: float | None = None  # largest |output| of that forward (finite, or the record fails)
     worker_wall_s: float | None = None  # parent-side wall time of the measuring worker
     worker_start_s: float | None = None  # parent start() to the worker's first line
+    worker_pid: int | None = None  # pid of the measuring worker (to match NVML's process list)
 
     # --- size -------------------------------------------------------------------------------
     weight_bytes: int | None = None  # parameters + buffers + quant states, each storage once
+    predicted_weight_bytes: int | None = None  # the memory plan's weights, from config.json before any load
+    predicted_peak_bytes: int | None = None  # the plan's weights + KV cache + largest activation + load transient
     checkpoint_bytes: int | None = None  # weight files on disk
 
     # --- host memory (worker process) -----------------------------------------------------
     rss_before_load_bytes: int | None = None  # baseline after imports, before from_pretrained
     peak_rss_bytes: int | None = None  # kernel high-water mark over load + first forward
     peak_rss_anon_bytes: int | None = None  # sampled peak of anonymous memory, same span
+    peak_rss_quality_bytes: int | None = None  # kernel high-water mark over the quality pass
+    peak_rss_anon_quality_bytes: int | None = None  # sampled anonymous peak over the quality pass
     rss_after_load_bytes: int | None = None  # = rss_anon + rss_file + rss_shmem, after load
     rss_anon_bytes: int | None = None
     rss_file_bytes: int | None = None  # file-backed pages (memory-mapped checkpoint)
@@ -78,13 +91,16 @@ class Record:
     batch_size: int | None = None
     new_tokens: int | None = None
     prefill_tok_s: float | None = None  # prompt tokens x batch / forward time, median
+    prefill_logits: str | None = None  # positions whose logits the timed prefill computes: last | all
     prefill_tok_s_iqr: float | None = None
     prefill_tok_s_samples: list[float] = field(default_factory=list)
     decode_tok_s: float | None = None  # new tokens x batch / decode time (after 1st token)
     decode_tok_s_iqr: float | None = None
     decode_tok_s_samples: list[float] = field(default_factory=list)
+    decode_token_times_s: list[float] = field(default_factory=list)  # s, generate start to each new token, last repeat
     generate_tok_s: float | None = None  # new tokens x batch / whole generate call
     ttft_s: float | None = None  # generate start to first new token, median
+    ttft_s_samples: list[float] = field(default_factory=list)  # s, one per timed repeat
     token_latency_p50_s: float | None = None  # between consecutive new tokens
     token_latency_p90_s: float | None = None
     encode_samples_s: float | None = None  # encoders: sequences per second, median
@@ -109,7 +125,9 @@ class Record:
     ppl_delta_frac_ci_low: float | None = None
     ppl_delta_frac_ci_high: float | None = None
     max_abs_logit_diff: float | None = None
-    greedy_match_frac: float | None = None  # share of greedy tokens equal to the reference's
+    greedy_match_frac: float | None = None  # mean matching prefix before the first divergence / greedy tokens
+    greedy_token_agree: float | None = None  # share of greedy positions whose token equals the reference's
+    greedy_tokens_generated: int | None = None  # new tokens per prompt the greedy pass produced
     greedy_first_diverge: list[int | None] = field(default_factory=list)  # per prompt
     embed_cosine_mean: float | None = None
     embed_cosine_min: float | None = None

@@ -18,13 +18,19 @@ from harness.environment import Environment, collect_environment
 from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
-from harness.models import ModelSource, materialize, resolve_model
+from harness.models import ModelSource, materialize, resolve_model, unsupported_model_reason
 from harness.records import Record
 from harness.storage import RunWriter
 from harness.throughput import median_iqr
+from harness.trackers import NVML_NO_PID_REASON
 from harness.worker import WorkerJob
 
 REFERENCE_ORDER = ("fp32", "bf16", "fp16")
+NOT_APPLICABLE = {
+    "quantizer_import_s": "this precision imports no quantizer library beyond the framework",
+    "device_init_s": "no CUDA context: the device is not a CUDA GPU",
+    "quant_state_device": "not quantized: no quantization state",
+}
 
 
 @dataclass
@@ -38,7 +44,8 @@ class Plan:
     @classmethod
     def create(cls, selection: Selection, options: RunOptions) -> Plan:
         models = {
-            name: resolve_model(name, options.allow_pickle, options.trust_remote_code) for name in selection.models
+            name: resolve_model(name, options.allow_pickle, options.trust_remote_code, options.tokenizer_for(name))
+            for name in selection.models
         }
         return cls(selection, options, models)
 
@@ -94,6 +101,8 @@ class Runner:
         self._import_s: dict[str, float | None] = {}
         self._bandwidth: dict[str, float | None] = {}
         self._references: dict[tuple[str, str], tuple[str | None, str]] = {}
+        self._plans: dict[tuple[str, str], tuple[dict[str, dict[str, Any]] | None, str]] = {}
+        self._bandwidth_errors: dict[str, str] = {}
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -125,7 +134,25 @@ class Runner:
                             options=self.plan.options, mode="bandwidth", log_path=self._log_path(probe))  # fmt: skip
             result = self.launcher.run(job, self.plan.options.timeout_s)
             self._bandwidth[device] = result.fields.get("memory_bandwidth_bytes_s") if result.ok else None
+            if not result.ok:
+                self._bandwidth_errors[device] = f"bandwidth worker failed: {result.error}"
         return self._bandwidth[device]
+
+    def memory_plans(self, combo: Combo) -> tuple[dict[str, dict[str, Any]] | None, str]:
+        """(plans per precision, error) for the combination's model and device, from config.json only.
+
+        One worker per model and device (the plan builds the model on the meta device, which needs
+        torch; the parent never imports it).
+        """
+        key = (combo.model, combo.device)
+        if key not in self._plans:
+            probe = Combo(combo.model, "pytorch", combo.precision, combo.device)
+            job = self._job(probe, mode="plan", log_path=self._log_path(probe, "-plan"),
+                            fast_bf16=self.capabilities.runs_bf16_well(combo.device),
+                            plan_precisions=self.plan.selection.precisions)  # fmt: skip
+            result = self.launcher.run(job, self.plan.options.timeout_s)
+            self._plans[key] = (result.fields["plans"], "") if result.ok else (None, result.error or "")
+        return self._plans[key]
 
     def reference_paths(self, combo: Combo) -> tuple[str | None, str | None, str]:
         """(reference to read, reference to write, reason when there is none)."""
@@ -165,6 +192,13 @@ class Runner:
             model = self.model(combo.model)
         except Exception as exc:  # a zoo build that fails is this combination's failure
             return _outcome(combo, "failed", error_kind="error", error=one_line(exc))
+        reason = unsupported_model_reason(model)
+        if reason is not None:
+            return _outcome(combo, "skipped", skip_reason=reason, model_source=model.source)
+        predicted, plan_note = self._preflight(combo)
+        if plan_note.startswith("skip:"):
+            return _outcome(combo, "skipped", skip_reason=plan_note.removeprefix("skip:"), model_source=model.source,
+                            **predicted)  # fmt: skip
         if combo.framework == "tensorflow":
             from harness.backends.keras_support import tensorflow_unsupported_reason
 
@@ -191,15 +225,44 @@ class Runner:
         ] if main.ok else []  # fmt: skip
         record = self._to_record(combo, model, main, extra)
         record.import_s = self.import_s(combo.framework)
+        if record.import_s is None:
+            record.na_reasons["import_s"] = f"the import probe of {combo.framework} failed in a fresh interpreter"
+        for name, value in predicted.items():
+            setattr(record, name, value)
+            if value is None:
+                record.na_reasons[name] = plan_note
+        if record.status == "ok" and options.throughput and bandwidth is None:
+            reason = self._bandwidth_errors.get(combo.device, "no bandwidth measured")
+            for name in ("memory_bandwidth_bytes_s", "decode_roofline_tok_s", "decode_roofline_frac"):
+                record.na_reasons.setdefault(name, reason)
         if read_ref is not None:
             record.reference_precision = self.reference_precision(combo)
         return record
 
+    def _preflight(self, combo: Combo) -> tuple[dict[str, int | None], str]:
+        """(predicted fields, note): the note is `skip:<reason>` when the plan does not fit, else why
+        the prediction is missing (empty when present)."""
+        from harness.preflight import available_bytes, fit
+
+        empty: dict[str, int | None] = {"predicted_weight_bytes": None, "predicted_peak_bytes": None}
+        plans, error = self.memory_plans(combo)
+        if plans is None:
+            return empty, f"memory plan failed: {error}"
+        plan = plans[combo.precision]
+        predicted = {"predicted_weight_bytes": plan["weight_bytes"], "predicted_peak_bytes": plan["peak_bytes"]}
+        options = self.plan.options
+        if not options.preflight:
+            return predicted, ""
+        available = available_bytes(combo.device, self.capabilities, options.available_memory_bytes)
+        verdict = fit(combo, plans, available)
+        return predicted, f"skip:{verdict.reason}" if verdict.reason else ""
+
     @staticmethod
     def _to_record(combo: Combo, model: ModelSource, main: WorkerResult, extra: list[WorkerResult]) -> Record:
+        identity = dict(model_source=model.source, model_revision=model.revision, tokenizer_source=model.tokenizer)
         if not main.ok:
-            return _outcome(combo, "failed", error_kind=main.error_kind, error=main.error,
-                            model_source=model.source, model_kind=model.kind, worker_wall_s=main.wall_s)  # fmt: skip
+            return _outcome(combo, "failed", error_kind=main.error_kind, error=main.error, model_kind=model.kind,
+                            worker_wall_s=main.wall_s, **identity)  # fmt: skip
         fields = dict(main.fields)
         reasons = fields.pop("na_reasons", {})
         samples = [main.fields["load_s"]] + [r.fields["load_s"] for r in extra if r.ok]
@@ -210,19 +273,33 @@ class Runner:
         fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples)
         if "load_bandwidth_bytes_s" in fields and fields.get("checkpoint_bytes"):
             fields["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / load_s
-        record = _outcome(combo, "ok", model_source=model.source, worker_wall_s=main.wall_s,
-                          worker_start_s=main.start_s, na_reasons=reasons)  # fmt: skip
+        record = _outcome(combo, "ok", worker_wall_s=main.wall_s, worker_start_s=main.start_s, na_reasons=reasons,
+                          **identity)  # fmt: skip
         for name, value in fields.items():
             if name not in Record.__dataclass_fields__:
                 raise KeyError(f"worker returned unknown field {name!r}")
             setattr(record, name, value)
         if record.model_kind is None:
             record.model_kind = model.kind
-        if not record.device.startswith("cuda"):
-            for name in ("peak_device_allocated_bytes", "peak_device_reserved_bytes", "device_process_bytes"):
-                record.na_reasons[name] = "host device: no separate device memory"
-        elif record.framework == "tensorflow" and record.peak_device_reserved_bytes is None:
-            record.na_reasons["peak_device_reserved_bytes"] = "TensorFlow does not report its allocator's reserved pool"
+        device_fields = ("peak_device_allocated_bytes", "peak_device_reserved_bytes", "device_process_bytes")
+        if record.device == "cpu":
+            for name in device_fields:
+                record.na_reasons[name] = "cpu: the host is the device; see the host memory fields"
+        elif record.device.startswith("xla"):
+            for name in device_fields:
+                record.na_reasons[name] = "xla: torch_xla does not report per-process device memory here"
+        else:
+            if record.framework == "tensorflow" and record.peak_device_reserved_bytes is None:
+                record.na_reasons["peak_device_reserved_bytes"] = (
+                    "TensorFlow does not report its allocator's reserved pool"
+                )
+            if record.device_process_bytes is None:
+                record.na_reasons["device_process_bytes"] = NVML_NO_PID_REASON
+        for name in ("quantizer_import_s", "device_init_s", "quant_state_device"):
+            if getattr(record, name) is None:
+                record.na_reasons.setdefault(name, NOT_APPLICABLE[name])
+        if record.checkpoint_bytes is None:
+            record.na_reasons.setdefault("checkpoint_bytes", "no weight files found in the checkpoint directory")
         return record
 
     # --- the whole matrix -------------------------------------------------------------------

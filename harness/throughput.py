@@ -68,8 +68,10 @@ def measure_encode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
 def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
     """Greedy generate of exactly N new tokens, timestamped as each token lands.
 
-    decode_tok_s counts the N-1 tokens after the first (the first is the prefill's);
-    generate_tok_s counts all N over the whole call; latencies are between consecutive tokens.
+    Per timed repeat, with t = the token times (offsets from generate start, after a synchronize):
+    decode rate = (N-1) x batch / (t[N-1] - t[0]) (the first token is the prefill's), TTFT = t[0],
+    latencies = consecutive differences of t, generate rate = N x batch / the whole call.
+    The last repeat's t is kept as `decode_token_times_s`, so a record can be checked against itself.
     """
     batch, steps = ids.shape[0], options.new_tokens
     decode_rates, generate_rates, ttfts, latencies = [], [], [], []
@@ -80,6 +82,7 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
         stamps.append(time.perf_counter())
 
     def one_generate() -> tuple[float, list[float]]:
+        """(seconds of the whole call, each token's offset from its start)."""
         stamps.clear()
         backend.synchronize()
         start = time.perf_counter()
@@ -88,28 +91,30 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
         end = time.perf_counter()
         if out.shape != (batch, steps) or len(stamps) != steps:
             raise RuntimeError(f"asked generate for {steps} new tokens, got {out.shape[1]} ({len(stamps)} timestamps)")
-        return end - start, [start, *stamps]
+        return end - start, [stamp - start for stamp in stamps]
 
     for _ in range(options.warmup):
         one_generate()
-    total = 0.0
+    total_s = 0.0
+    token_times: list[float] = []
     while len(decode_rates) < options.timing_repeats or (
-        total < options.min_timing_s and len(decode_rates) < options.timing_repeats * MAX_REPEAT_FACTOR
+        total_s < options.min_timing_s and len(decode_rates) < options.timing_repeats * MAX_REPEAT_FACTOR
     ):
-        elapsed, times = one_generate()
-        total += elapsed
-        ttfts.append(times[1] - times[0])
-        gaps = np.diff(times[1:])
-        latencies.extend(gaps.tolist())
-        decode_rates.append(batch * (steps - 1) / (times[-1] - times[1]) if steps > 1 else float("nan"))
+        elapsed, token_times = one_generate()
+        total_s += elapsed
+        ttfts.append(token_times[0])
+        latencies.extend(np.diff(token_times).tolist())
+        decode_rates.append(batch * (steps - 1) / (token_times[-1] - token_times[0]) if steps > 1 else float("nan"))
         generate_rates.append(batch * steps / elapsed)
     median, iqr = median_iqr(decode_rates)
     return {
         "decode_tok_s": median,
         "decode_tok_s_iqr": iqr,
         "decode_tok_s_samples": decode_rates,
+        "decode_token_times_s": token_times,
         "generate_tok_s": statistics.median(generate_rates),
         "ttft_s": statistics.median(ttfts),
+        "ttft_s_samples": ttfts,
         "token_latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
         "token_latency_p90_s": float(np.percentile(latencies, 90)) if latencies else None,
         "new_tokens": steps,

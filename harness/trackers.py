@@ -109,19 +109,37 @@ def copy_bandwidth_bytes_s(
     return statistics.median(rates)
 
 
-def nvml_process_bytes(device_index: int, pid: int | None = None) -> int | None:
-    """GPU memory NVML attributes to this process on one device; None without NVML."""
+def own_pids() -> set[int]:
+    """This process's pid in every pid namespace /proc shows (NSpid), so NVML's host pids can match."""
+    pids = {os.getpid()}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                pids |= {int(p) for p in line.split()[1:]}
+    except OSError:
+        pass
+    return pids
+
+
+NVML_NO_PID_REASON = (
+    "NVML lists no process with this worker's pid (pid namespaces differ, e.g. in a container), or NVML is unavailable"
+)
+
+
+def nvml_process_bytes(device_index: int, pids: set[int] | None = None) -> int | None:
+    """GPU memory NVML attributes to this process on one device; None where NVML is absent or
+    lists none of this process's pids (never 0 for "not found": see NVML_NO_PID_REASON)."""
     try:
         import pynvml
     except ImportError:
         return None
-    pid = pid or os.getpid()
+    pids = pids or own_pids()
     try:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
         processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        used = [p.usedGpuMemory for p in processes if p.pid == pid and p.usedGpuMemory is not None]
-        return int(sum(used)) if used else 0
+        used = [p.usedGpuMemory for p in processes if p.pid in pids and p.usedGpuMemory is not None]
+        return int(sum(used)) if used else None
     except pynvml.NVMLError:
         return None
     finally:
@@ -129,3 +147,40 @@ def nvml_process_bytes(device_index: int, pid: int | None = None) -> int | None:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+class MemoryWatchdog:
+    """Ends the worker as `oom` once its resident memory exceeds a budget above its baseline.
+
+    RSS polling, not RLIMIT_AS: CUDA and allocators reserve huge address ranges that are never
+    resident, so an address-space limit would fail every CUDA combination. The breach callback
+    runs on the polling thread and must end the process.
+    """
+
+    def __init__(self, limit_bytes: int, on_breach: Callable[[int, int], None], interval_s: float = 0.002) -> None:
+        self.limit_bytes = limit_bytes
+        self.baseline_bytes = proc_status()["VmRSS"]
+        self.on_breach = on_breach
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @property
+    def ceiling_bytes(self) -> int:
+        return self.baseline_bytes + self.limit_bytes
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            rss = proc_status()["VmRSS"]
+            if rss > self.ceiling_bytes:
+                self.on_breach(rss, self.ceiling_bytes)
+                return
+
+    def start(self) -> MemoryWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()

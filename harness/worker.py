@@ -29,12 +29,14 @@ class WorkerJob:
     combo: Combo
     model: ModelSource
     options: RunOptions
-    mode: str = "full"  # full: every measurement; load: load timing only; bandwidth: device copy only
+    mode: str = "full"  # full: every measurement; load: load timing only; bandwidth: device copy; plan: memory plan
     reference_path: str | None = None  # quality: the reference outputs to compare with
     write_reference_path: str | None = None  # quality: write this worker's outputs as the reference
     reference_note: str = ""  # why there is no reference, when there is none
     memory_bandwidth_bytes_s: float | None = None
     log_path: str | None = None
+    fast_bf16: bool = False  # plan mode: does the device run bf16 natively (decides quantized storage dtypes)
+    plan_precisions: tuple[str, ...] = ()  # plan mode: the precisions to plan besides the defaults
 
 
 def classify(exc: BaseException) -> str:
@@ -71,19 +73,10 @@ def _quiet_libraries() -> None:
         pass
 
 
-def limit_memory(limit_bytes: int) -> None:
-    """Cap the address space at the current size plus `limit_bytes` (allocations beyond fail)."""
-    from harness.trackers import proc_status
-
-    ceiling = proc_status()["VmSize"] + limit_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
-
-
 def run_job(job: WorkerJob) -> dict[str, Any]:
     """Load and measure one combination; returns record fields."""
     from harness.backends import LoadSpec, backend_for
     from harness.measure import measure_load
-    from harness.quality import eval_token_ids
 
     spec = LoadSpec(
         source=job.model.source,
@@ -93,18 +86,35 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
         allow_pickle=job.options.allow_pickle,
         trust_remote_code=job.options.trust_remote_code,
     )
+    if job.mode == "plan":
+        from harness.preflight import plan_fields
+
+        return plan_fields(job)
     if job.mode == "bandwidth":
         return {"memory_bandwidth_bytes_s": backend_for(job.combo.framework, spec).memory_bandwidth_bytes_s()}
-    eval_ids = eval_token_ids(spec.source, job.options)
+    from harness.quality import model_eval_ids
+
+    eval_ids, tokenizer_note = model_eval_ids(job.model, job.options)
     backend = backend_for(job.combo.framework, spec)
     if job.options.memory_limit_bytes:
-        limit_memory(job.options.memory_limit_bytes)
+        backend.limit_device_memory(job.options.memory_limit_bytes)
     fields = measure_load(backend, spec.kind, eval_ids)
+    fields["worker_pid"] = os.getpid()
     if job.mode == "full":
         from harness.measure import measure_after_load
 
-        fields.update(measure_after_load(backend, job, eval_ids, fields))
+        fields.update(measure_after_load(backend, job, eval_ids, fields, tokenizer_note))
     return fields
+
+
+def _send(conn: Connection, message: dict[str, Any], started_at: float) -> None:
+    message["started_at"] = started_at
+    try:
+        conn.send(message)
+    finally:
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def worker_main(job: WorkerJob, conn: Connection) -> None:
@@ -113,6 +123,20 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash should end fast, not dump GBs
     _redirect_output(job.log_path)
     _quiet_libraries()
+    watchdog = None
+    if job.options.memory_limit_bytes:
+        from harness.trackers import MemoryWatchdog
+
+        def breach(rss: int, ceiling: int) -> None:
+            error = (
+                f"resident memory {rss / 2**20:.0f} MiB passed --memory-limit "
+                f"({ceiling / 2**20:.0f} MiB = baseline + {job.options.memory_limit_bytes / 2**20:.0f} MiB)"
+            )
+            print(f"harness: {error}", file=sys.stderr)
+            _send(conn, {"ok": False, "error_kind": "oom", "error": error}, started_at)
+            os._exit(3)
+
+        watchdog = MemoryWatchdog(job.options.memory_limit_bytes, breach).start()
     try:
         fields = run_job(job)
         message: dict[str, Any] = {"ok": True, "fields": fields}
@@ -121,10 +145,6 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
 
         traceback.print_exc()
         message = {"ok": False, "error_kind": classify(exc), "error": one_line(exc)}
-    message["started_at"] = started_at
-    try:
-        conn.send(message)
-    finally:
-        conn.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if watchdog is not None:
+        watchdog.stop()
+    _send(conn, message, started_at)

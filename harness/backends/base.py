@@ -33,6 +33,7 @@ class WeightStats:
     storage_dtype: str | None = None
     compute_dtype: str | None = None
     architecture: str | None = None
+    quant_state_device: str | None = None  # where quantized weights and their states live
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -41,6 +42,13 @@ class Backend(Protocol):
 
     framework: str
     spec: LoadSpec
+    prefill_logits: str | None  # after load: positions whose logits prefill() computes, "last" or "all"
+
+    def prepare(self) -> dict[str, float | None]:
+        """Imports and device set-up that load_s must not include; returns quantizer_import_s, device_init_s."""
+
+    def limit_device_memory(self, limit_bytes: int) -> None:
+        """Cap device memory for --memory-limit (a no-op where the device is the host)."""
 
     def load(self) -> None:
         """Load the weights onto the device (the span `load_s` measures)."""

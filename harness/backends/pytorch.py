@@ -17,14 +17,12 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from harness.backends.base import LoadSpec, WeightStats
+from harness.matrix import BNB_4BIT, torch_dtypes
 from harness.models import check_safetensors_files
 
 for _arch in ("llama", "gpt2", "bert", "mistral", "qwen2"):
     with contextlib.suppress(ImportError):
         __import__(f"transformers.models.{_arch}.modeling_{_arch}")
-
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BNB_PRECISIONS = ("int8", "nf4", "nf4-dq", "fp4")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -71,6 +69,7 @@ class PyTorchBackend:
         self.storage_dtype: torch.dtype | None = None
         self.compute_dtype: torch.dtype | None = None
         self.prefill_kwargs: dict[str, Any] = {}
+        self.prefill_logits: str | None = None  # positions whose logits the prefill computes: last | all
 
     @staticmethod
     def _torch_device(device: str) -> torch.device:
@@ -82,6 +81,26 @@ class PyTorchBackend:
 
     # --- loading --------------------------------------------------------------------------
 
+    def prepare(self) -> dict[str, float | None]:
+        """Pay, before load_s starts, what the load would otherwise include: the quantizer's import
+        (bitsandbytes is not preloaded where a GPU exists, since its import probes CUDA) and the CUDA
+        context. Returns quantizer_import_s and device_init_s (null where not applicable)."""
+        import time
+
+        out: dict[str, float | None] = {"quantizer_import_s": None, "device_init_s": None}
+        if self.spec.precision in ("int8", *BNB_4BIT):
+            start = time.perf_counter()
+            import bitsandbytes  # noqa: F401
+
+            out["quantizer_import_s"] = time.perf_counter() - start
+        if self.device.type == "cuda":
+            start = time.perf_counter()
+            torch.cuda.init()
+            torch.empty(1, device=self.device)
+            torch.cuda.synchronize(self.device)
+            out["device_init_s"] = time.perf_counter() - start
+        return out
+
     def _load_kwargs(self) -> dict[str, Any]:
         precision = self.spec.precision
         kwargs: dict[str, Any] = {
@@ -90,28 +109,21 @@ class PyTorchBackend:
         }
         if self.device.type != "xla":
             kwargs["device_map"] = str(self.device)
-        if precision in FLOAT_DTYPES:
-            self.storage_dtype = self.compute_dtype = FLOAT_DTYPES[precision]
-        elif precision in BNB_PRECISIONS:
+        storage, compute = torch_dtypes(precision, runs_bf16_well(self.device))
+        self.storage_dtype, self.compute_dtype = getattr(torch, storage), getattr(torch, compute)
+        if precision == "int8":
             from transformers import BitsAndBytesConfig
 
-            fast_bf16 = runs_bf16_well(self.device)
-            if precision == "int8":
-                # LLM.int8() multiplies in fp16: fp16 inputs avoid a cast in every layer.
-                self.storage_dtype = self.compute_dtype = torch.float16
-                config = BitsAndBytesConfig(load_in_8bit=True)
-            else:
-                self.storage_dtype = torch.bfloat16 if fast_bf16 else torch.float16
-                self.compute_dtype = torch.bfloat16 if fast_bf16 else torch.float32
-                config = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="fp4" if precision == "fp4" else "nf4",
-                    bnb_4bit_use_double_quant=precision == "nf4-dq",
-                    bnb_4bit_compute_dtype=self.compute_dtype,
-                )
-            kwargs["quantization_config"] = config
-        else:
-            raise ValueError(f"precision {precision} is not a PyTorch precision")
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif precision in BNB_4BIT:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="fp4" if precision == "fp4" else "nf4",
+                bnb_4bit_use_double_quant=precision == "nf4-dq",
+                bnb_4bit_compute_dtype=self.compute_dtype,
+            )
         kwargs["dtype"] = self.storage_dtype
         return kwargs
 
@@ -124,8 +136,10 @@ class PyTorchBackend:
         self.model = model.eval()
         # Decided once here, not inside the timed prefill: generate's prefill keeps only the last logits.
         self.prefill_kwargs = {"use_cache": True}
+        self.prefill_logits = "all"
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             self.prefill_kwargs["logits_to_keep"] = 1
+            self.prefill_logits = "last"
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -177,6 +191,7 @@ class PyTorchBackend:
                     for name in ("absmax", "code", "offset"):
                         add(getattr(state, name, None), quant_storages)
         quant_only = {k: v for k, v in quant_storages.items() if k not in storages}
+        quant_devices = sorted({device for device, _ in quant_storages})
         embeddings = self.model.get_input_embeddings()
         return WeightStats(
             weight_bytes=sum(storages.values()) + sum(quant_only.values()),
@@ -187,6 +202,7 @@ class PyTorchBackend:
             storage_dtype=dtype_name(embeddings.weight.dtype) if embeddings is not None else None,
             compute_dtype=dtype_name(self.compute_dtype) if self.compute_dtype else None,
             architecture=type(self.model).__name__,
+            quant_state_device=",".join(quant_devices) if quant_devices else None,
         )
 
     # --- device memory --------------------------------------------------------------------
@@ -205,6 +221,12 @@ class PyTorchBackend:
             "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
             "device_process_bytes": nvml_process_bytes(self.device.index or 0),
         }
+
+    def limit_device_memory(self, limit_bytes: int) -> None:
+        """Cap this process's CUDA allocator at `limit_bytes` (beyond it, allocations raise OutOfMemoryError)."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), self.device)
 
     # --- running --------------------------------------------------------------------------
 

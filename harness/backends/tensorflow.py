@@ -4,7 +4,9 @@ Hugging Face-format checkpoints the PyTorch backend loads.
 fp32/fp16/bf16 are Keras dtype policies; keras-int8 and keras-int4 are `model.quantize()` on a
 float model (int8: per-channel weights with per-token dynamic activation quantization, an int8
 matmul; int4: weights only, packed two per byte, groups of 128 with zero points). Generation is
-greedy over KerasHub's own KV cache (`call_with_cache`), one compiled step per token.
+greedy over KerasHub's own KV cache (`call_with_cache`), one compiled step per token. The prefill
+fills the cache over the prompt and computes the logits of the last position only, the same work
+as PyTorch's prefill with `logits_to_keep=1`.
 
 Importing this module imports TensorFlow, Keras and KerasHub. It must never share a process
 with torch: the launcher runs TensorFlow workers under spawn, and the backend refuses to start
@@ -13,9 +15,12 @@ where torch is already imported.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,12 @@ from harness.backends.keras_support import CAVEATS, keras_class_name, tensorflow
 
 FLOAT_POLICIES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KERAS_QUANT_MODES = {"keras-int8": "int8", "keras-int4": "int4"}
+# What load() would otherwise import on first use (Keras, KerasHub, its Hugging Face converters,
+# safetensors, the harness helpers it calls), imported by prepare() before the load timer starts.
+LOADER_MODULES = ("keras", "keras_hub", "safetensors", "harness.models", "harness.environment")
+# KerasHub imports its converters (all of them, ~40 modules) inside the first from_preset of a
+# Hugging Face directory; a private path, so its absence in another version is not an error.
+LOADER_PRIVATE_MODULES = ("keras_hub.src.utils.transformers.preset_loader",)
 QUANT_NOTES = {
     "int8": "Keras int8: per-output-channel int8 weights, per-token dynamic int8 activations, int8 matmul",
     "int4": "Keras int4: int4 weights packed two per int8 byte, groups of 128 with zero points; float matmul",
@@ -107,6 +118,7 @@ class TensorFlowBackend:
     """Loads with KerasHub's `from_preset` and runs eagerly, with compiled cached decode steps."""
 
     framework = "tensorflow"
+    prefill_logits = "last"  # the timed prefill computes the logits of the last prompt position only
 
     def __init__(self, spec: LoadSpec) -> None:
         if "torch" in sys.modules:
@@ -122,8 +134,32 @@ class TensorFlowBackend:
         self._cache_layout: list[tuple[tuple[int, ...], int | None, Any]] | None = None
         self._cache_structure: Any = None
         self._step: Callable[..., Any] | None = None
+        self._prefill: Callable[..., Any] | None = None
 
     # --- loading --------------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, float | None]:
+        """Everything before `load_s`: import the libraries load() would import on first use
+        (`quantizer_import_s`), then start TensorFlow's runtime on the device, which creates the
+        CUDA context on a GPU (`device_init_s`; None on CPU, where there is no device context)."""
+        started = time.perf_counter()
+        for name in LOADER_MODULES:
+            importlib.import_module(name)
+        for name in LOADER_PRIVATE_MODULES:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        if not Path(self.spec.source).is_dir():
+            importlib.import_module("huggingface_hub")
+        imported = time.perf_counter()
+        tf.config.list_logical_devices()  # initializes the eager context: every visible device
+        with tf.device(self.device):
+            tf.zeros(1).numpy()
+        self.synchronize()
+        ready = time.perf_counter()
+        return {
+            "quantizer_import_s": imported - started,
+            "device_init_s": ready - imported if self.device.startswith("/GPU") else None,
+        }
 
     def _policies(self) -> tuple[str, str | None]:
         precision = self.spec.precision
@@ -252,6 +288,18 @@ class TensorFlowBackend:
             "device_process_bytes": nvml_process_bytes(int(gpu.partition(":")[2] or 0)),
         }
 
+    def limit_device_memory(self, limit_bytes: int) -> None:
+        """Cap TensorFlow's allocator on the GPU at `limit_bytes`: one logical device with that
+        memory limit (allocations beyond it raise ResourceExhaustedError; it still grows on
+        demand, TF_FORCE_GPU_ALLOW_GROWTH). Must run before the runtime starts (before prepare).
+        A no-op on CPU, where the host memory limit applies."""
+        gpu = self._gpu_name()
+        if gpu is None:
+            return
+        physical = tf.config.list_physical_devices("GPU")[int(gpu.partition(":")[2] or 0)]
+        limit_mb = max(1, limit_bytes >> 20)
+        tf.config.set_logical_device_configuration(physical, [tf.config.LogicalDeviceConfiguration(limit_mb)])
+
     # --- running --------------------------------------------------------------------------
 
     @staticmethod
@@ -300,16 +348,45 @@ class TensorFlowBackend:
             tensors.append(tf.zeros(full, dtype))
         return tf.nest.pack_sequence_as(self._cache_structure, tensors)
 
+    def _prefill_fn(self) -> Callable[..., Any]:
+        """A compiled prefill: (prompt ids, empty cache) -> (logits of the last position, filled cache).
+
+        KerasHub's `call_with_cache` has no logits_to_keep; its logits over every position feed no
+        output here, so TensorFlow prunes them from the graph when it runs the function, and the
+        head (`token_embedding(reverse=True)`, soft cap included, after the final norm that
+        `hidden_states` already holds, in every class of keras_support) runs on the last position.
+        """
+        if self._prefill is None:
+            model = self.model
+
+            def prefill(token_ids: tf.Tensor, cache: Any) -> tuple[tf.Tensor, Any]:
+                _, hidden_states, cache = model.call_with_cache(token_ids, cache, 0)
+                logits = model.backbone.token_embedding(hidden_states[:, -1:, :], reverse=True)
+                return logits[:, -1, :], cache
+
+            cache_spec = tf.nest.map_structure(
+                lambda t: tf.TensorSpec([None] * len(t.shape), t.dtype), self._empty_cache(1, 1)
+            )
+            ids_spec = tf.TensorSpec([None, None], tf.int32)
+            self._prefill = tf.function(prefill, input_signature=[ids_spec, cache_spec])
+        return self._prefill
+
+    def next_token_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits [batch, vocab] of the position after the prompt, from the timed prefill's path."""
+        with tf.device(self.device):
+            ids = self._ids(input_ids)
+            logits, _ = self._prefill_fn()(ids, self._empty_cache(ids.shape[0], ids.shape[1]))
+            return tf.cast(logits, tf.float32).numpy()
+
     def prefill(self, input_ids: np.ndarray) -> None:
-        """One forward over the prompt that fills the KV cache, keeping the next token only
-        (KerasHub's call_with_cache has no logits_to_keep: logits of every position are computed)."""
+        """One forward over the prompt that fills the KV cache and computes the logits of the
+        last position only (as PyTorch's logits_to_keep=1)."""
         with tf.device(self.device):
             ids = self._ids(input_ids)
             if self.spec.kind != "causal-lm":
                 self.model(self._encoder_inputs(ids, tf.ones_like(ids)), training=False)
                 return
-            cache = self._empty_cache(ids.shape[0], ids.shape[1])
-            self._step_fn()(ids, cache, tf.constant(0, tf.int32))
+            self._prefill_fn()(ids, self._empty_cache(ids.shape[0], ids.shape[1]))
 
     def generate(
         self, input_ids: np.ndarray, new_tokens: int, on_token: Callable[[], None] | None = None
@@ -321,7 +398,8 @@ class TensorFlowBackend:
             cache = self._empty_cache(batch, prompt + new_tokens)
             step = self._step_fn()
             tokens = []
-            token, cache = step(ids, cache, tf.constant(0, tf.int32))
+            logits, cache = self._prefill_fn()(ids, cache)
+            token = tf.argmax(logits, axis=-1, output_type=tf.int32)[:, None]
             for i in range(new_tokens):
                 if i:
                     token, cache = step(token, cache, tf.constant(prompt + i - 1, tf.int32))

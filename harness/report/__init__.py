@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.report import document, plots, regress
+from harness.report import cost, document, plots, regress, stacks
 from harness.report import formats as writers
+from harness.report import history as nightly
 from harness.report.frame import load_frame
 from harness.report.pareto import add_frontiers
 from harness.report.recommend import recommend
@@ -22,16 +23,25 @@ def write_report(
     budget_bytes: int | None = None,
     fail_on_regression_pct: float | None = None,
     quality_tolerance: float = 0.01,
+    history: Path | None = None,
+    prices: Path | None = None,
 ) -> int:
-    """Write the report of `runs` (merged) into `out`; 1 when the regression gate trips, else 0."""
+    """Write the report of `runs` (merged) into `out`; 1 when the regression gate trips, else 0.
+    `history`: a dir of earlier nights (trends; its newest night is the baseline unless one is
+    given); `prices`: a TOML price per hardware label (cost columns). summary.md says what changed."""
     writers.check_formats(formats)
     runs = [Path(r) for r in runs]
     frame, notes = load_frame(runs)
     frame = add_frontiers(frame)
+    price_table = cost.load_prices(prices) if prices is not None else {}
+    if price_table:
+        frame = cost.add_costs(frame, price_table)
     out = Path(out) if out is not None else runs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = plots.write_plots(frame, out)
-    regression, comparisons = [], None
+    if baseline is None and history is not None:
+        baseline = nightly.latest_night(history)
+    regression, comparisons, base = [], None, None
     if baseline is not None:
         base, _ = load_frame([Path(baseline)])
         comparisons = regress.compare_runs(frame, base)
@@ -39,6 +49,19 @@ def write_report(
         regression = document.regression_section(comparisons, Path(baseline), only, fail_on_regression_pct)
     recommendations = recommend(frame, budget_bytes, quality_tolerance)
     blocks = document.build(frame, runs, images, recommendations, notes, regression)
+    blocks += stacks.stacks_section(frame)
+    if price_table:
+        blocks += cost.cost_section(frame, quality_tolerance)
+    steps = None
+    if history is not None:
+        past = nightly.load_history(history, tonight=frame)
+        steps = nightly.detect_steps(past)
+        blocks += nightly.trend_section(past, steps, nightly.plot_trends(past, steps, out), Path(history))
+    if base is not None or history is not None:
+        summary = nightly.changes_section(frame, base, comparisons, steps, str(baseline), fail_on_regression_pct)
+        blocks = [blocks[0], *summary, *blocks[1:]]
+        if "md" in formats:
+            (out / "summary.md").write_text(writers.to_markdown(summary), encoding="utf-8")
     written = writers.write_document(blocks, out, formats, title=f"harness report: {', '.join(r.name for r in runs)}")
     for name in ("csv", "parquet"):
         if name in formats:

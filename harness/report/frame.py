@@ -12,10 +12,12 @@ import pandas as pd
 
 from harness.errors import UsageError
 from harness.records import SCHEMA_VERSION, Record
-from harness.storage import read_environment, read_records, results_file
+from harness.storage import find_run_dirs, read_environment, read_records, results_file
 
-KEY = ["model", "framework", "precision", "device", "hardware_id"]
-GROUP = ["model", "framework", "device", "hardware_id"]  # rows sharing one reference precision
+# A combination on one machine with one software stack: different stacks are never duplicates.
+KEY = ["model", "framework", "precision", "device", "hardware_id", "stack"]
+GROUP = ["model", "framework", "device", "hardware_id", "stack"]  # rows sharing one reference precision
+STACK_LIBRARIES = ("torch", "transformers", "bitsandbytes", "tensorflow", "tensorflow-cpu", "keras", "keras-hub")
 LIST_COLUMNS = [f.name for f in fields(Record) if f.default_factory in (list, dict)]  # type: ignore[comparison-overlap]
 REL_METRICS = (
     "load_s", "weight_bytes", "peak_rss_bytes", "peak_device_allocated_bytes",
@@ -68,29 +70,52 @@ def device_memory(device: str, env: dict[str, Any]) -> int | None:
     return None
 
 
-def read_run(run: Path) -> pd.DataFrame | None:
-    """One run dir as a frame with its environment joined in; None (and a warning) if missing."""
+def stack_versions(env: dict[str, Any]) -> str:
+    """The versions that decide what loads, e.g. `torch 2.13.0, transformers 5.24.0, bitsandbytes 0.50.2`."""
+    libraries = env.get("libraries") or {}
+    return ", ".join(f"{name} {libraries[name]}" for name in STACK_LIBRARIES if name in libraries)
+
+
+def stack_name(env: dict[str, Any]) -> str:
+    """A run's software stack: its name ($HARNESS_STACK), else its library versions."""
+    return env.get("stack") or stack_versions(env) or "unknown"
+
+
+RUN_COLUMNS = ["hardware_label", "stack", "stack_versions", "device_memory_bytes", "run_dir"]  # joined from the run
+
+
+def run_rows(run: Path) -> list[dict[str, Any]] | None:
+    """One run dir's records with its environment joined in (RUN_COLUMNS); None (and a warning) if missing."""
     file = results_file(run)
     if not file.exists():
-        warnings.warn(f"{file}: no such run (pass a run dir holding results.jsonl); skipped", stacklevel=2)
+        warnings.warn(f"{file}: no such run (pass a run dir holding results.jsonl); skipped", stacklevel=3)
         return None
     check_schema(file)
     records = read_records(file)
     env = read_environment(file) if records else {}
-    frame = pd.DataFrame(records, columns=Record.field_names())
-    frame["hardware_id"] = frame["hardware_id"].where(frame["hardware_id"] != "", env.get("hardware_id", "unknown"))
-    frame["hardware_label"] = env.get("hardware_label") or frame["hardware_id"]
-    frame["device_memory_bytes"] = [device_memory(d, env) for d in frame["device"]]
-    frame["run_dir"] = str(file.parent)
-    return frame
+    joined = {"stack": stack_name(env), "stack_versions": stack_versions(env), "run_dir": str(file.parent)}
+    for record in records:
+        record["hardware_id"] = record["hardware_id"] or env.get("hardware_id", "unknown")
+        record["hardware_label"] = env.get("hardware_label") or record["hardware_id"]
+        record["device_memory_bytes"] = device_memory(record["device"], env)
+        record.update(joined)
+    return records
 
 
-def dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep the newest record of each combination on each hardware; say what was dropped."""
+def read_run(run: Path) -> pd.DataFrame | None:
+    """One run dir as a frame with its environment joined in; None (and a warning) if missing."""
+    rows = run_rows(run)
+    return None if rows is None else pd.DataFrame(rows, columns=[*Record.field_names(), *RUN_COLUMNS])
+
+
+def dedupe(frame: pd.DataFrame, within: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the newest record of each combination on each hardware and stack (and each value of
+    the `within` columns, e.g. a night); say what was dropped."""
+    key_columns = [*KEY, *within]
     frame = frame.sort_values("finished_at", kind="stable")
-    dup = frame.duplicated(KEY, keep="last")
+    dup = frame.duplicated(key_columns, keep="last")
     notes = []
-    for key, group in frame[frame.duplicated(KEY, keep=False)].groupby(KEY, sort=True):
+    for key, group in frame[frame.duplicated(key_columns, keep=False)].groupby(key_columns, sort=True):
         kept = group.iloc[-1]
         runs = ", ".join(group["run_id"].astype(str))
         notes.append(
@@ -101,11 +126,13 @@ def dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _hardware_names(frame: pd.DataFrame) -> pd.Series:
-    """hardware_label, with the id appended where two hardware ids share a label."""
+    """hardware_label, with the id appended where two hardware ids share a label, and the stack
+    where the runs hold several, so every table keeps stacks apart."""
     ids_per_label = frame.groupby("hardware_label")["hardware_id"].transform("nunique")
-    return frame["hardware_label"].where(
+    names = frame["hardware_label"].where(
         ids_per_label <= 1, frame["hardware_label"] + " [" + frame["hardware_id"] + "]"
     )
+    return names + " · " + frame["stack"] if frame["stack"].nunique() > 1 else names
 
 
 def _is_causal(frame: pd.DataFrame) -> pd.Series:
@@ -144,7 +171,7 @@ def _reference_values(frame: pd.DataFrame, metric: str) -> pd.Series:
 
 def load_frame(runs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     """The tidy, deduplicated frame of all `runs`, and notes on what merging dropped."""
-    frames = [f for f in (read_run(Path(run)) for run in runs) if f is not None]
+    frames = [f for f in (read_run(run) for run in find_run_dirs(runs)) if f is not None]
     if not frames:
         raise UsageError(f"no run found in {', '.join(map(str, runs))}: run `harness run` first or pass a run dir")
     frame = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.report.pareto import FRONTIER_GROUP
-
-MB = 1 << 20
-GIB = 1 << 30
+from harness.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -23,12 +21,6 @@ class Recommendation:
     best_fit: str | None
     fastest: str | None
     sentence: str
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None or pd.isna(n):
-        return "-"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MB:.1f} MB"
 
 
 def _label(row: pd.Series, several_frameworks: bool) -> str:

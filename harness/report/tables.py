@@ -59,11 +59,26 @@ def _rel_col(metric: str, scale: float = 1.0, digits: int = 3) -> Callable[[pd.S
     )
 
 
+def _plan_error(measured: str) -> Callable[[pd.Series], str]:
+    """The memory plan's error against a measured field: `+1.2%` means the plan predicted too much."""
+
+    def cell(row: pd.Series) -> str:
+        predicted = row["predicted_weight_bytes"] if measured == "weight_bytes" else row["predicted_peak_bytes"]
+        value = row[measured]
+        if _missing(predicted) or _missing(value) or not value:
+            return "-"
+        return _pct(float(predicted) / float(value) - 1.0)
+
+    return cell
+
+
 # header -> (source column that must have a value somewhere for the column to show, cell function)
 COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
     "load_s": ("load_s", _rel_col("load_s")),
     "weight MB": ("weight_bytes", _rel_col("weight_bytes", MB)),
+    "plan weight err": ("predicted_weight_bytes", _plan_error("weight_bytes")),
     "peak RSS MB": ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
+    "plan peak MB": ("predicted_peak_bytes", lambda r: num(r["predicted_peak_bytes"], 3, MB)),
     "device MB": ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
     "prefill tok/s": ("prefill_tok_s", _rel_col("prefill_tok_s")),
     "decode tok/s": ("decode_tok_s", _rel_col("decode_tok_s")),

@@ -1,0 +1,183 @@
+"""The pre-flight: will a combination fit its device? Decided from config.json before any load.
+
+The plan itself (harness.memplan) builds the architecture on the meta device, so it needs torch;
+the parent never imports torch, so plans are computed in one worker per model (mode "plan",
+forked from the preloaded forkserver: ~0.1 s) and the fit is decided here in the parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from harness.matrix import DEFAULT_PRECISIONS, PRECISIONS, Capabilities, Combo
+from harness.units import human_bytes
+
+MARGIN_FRAC = 0.05  # of the available memory, kept free for allocator slack and the rest of the machine
+# Device memory the runtime holds before the model: a CUDA context takes ~0.5 GiB. On the host the
+# worker's framework baseline (rss_before_load_bytes, 330-380 MB here) is mostly shared, file-backed
+# library pages, and the plan and --available-memory speak of the model's own bytes, so it adds 0.
+RUNTIME_BASELINE_BYTES = {"cpu": 0, "cuda": 512 << 20, "xla": 0}
+FIT_ORDER = DEFAULT_PRECISIONS  # precisions suggested, in this order, when one does not fit
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One combination's predicted need against what its device has."""
+
+    needed_bytes: int
+    available_bytes: int | None
+    reason: str | None  # set when it does not fit
+
+
+def plans_for(
+    config: dict[str, Any], precisions: tuple[str, ...], fast_bf16: bool, options: Any, device: str
+) -> dict[str, Any]:
+    """MemoryPlan per precision for one model and device (each framework's precisions planned together)."""
+    from harness.memplan import plan_memories
+
+    by_framework: dict[str, list[str]] = {}
+    for precision in dict.fromkeys(precisions):
+        framework = PRECISIONS[precision].framework
+        by_framework.setdefault("pytorch" if framework == "any" else framework, []).append(precision)
+    plans = {}
+    for framework, names in by_framework.items():
+        found = plan_memories(
+            config,
+            names,
+            fast_bf16=fast_bf16,
+            batch_size=max(options.batch_sizes),
+            prompt_tokens=max(options.prompt_lengths),
+            new_tokens=options.new_tokens,
+            framework=framework,
+            device=device,
+        )
+        plans.update(zip(names, found, strict=True))
+    return plans
+
+
+def plan_fields(job: Any) -> dict[str, Any]:
+    """Worker side (mode "plan"): the memory plan of every default precision and the selected ones."""
+    from dataclasses import asdict
+
+    from harness.memplan import read_config
+
+    precisions = (*DEFAULT_PRECISIONS, *job.plan_precisions)
+    plans = plans_for(read_config(job.model.source), precisions, job.fast_bf16, job.options, job.combo.device)
+    return {"plans": {name: asdict(plan) for name, plan in plans.items()}}
+
+
+def device_kind(device: str) -> str:
+    return device.partition(":")[0]
+
+
+def available_bytes(device: str, capabilities: Capabilities, override: int | None) -> int | None:
+    """--available-memory, else NVML free memory of cuda:N, else the host's available RAM."""
+    if override is not None:
+        return override
+    if device_kind(device) == "cuda":
+        gpu = capabilities.gpu(device)
+        return None if gpu is None else nvml_free_bytes(gpu.index)
+    if device_kind(device) == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def nvml_free_bytes(index: int) -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+
+
+def needed_bytes(plan: dict[str, Any], device: str) -> int:
+    """The plan's peak plus what the worker's runtime holds before loading."""
+    return int(plan["peak_bytes"]) + RUNTIME_BASELINE_BYTES.get(device_kind(device), 0)
+
+
+def fit(combo: Combo, plans: dict[str, dict[str, Any]], available: int | None) -> Fit:
+    """Does `combo` fit `available` bytes less the margin? The reason names the numbers and an alternative."""
+    plan = plans[combo.precision]
+    needed = needed_bytes(plan, combo.device)
+    if available is None:
+        return Fit(needed, None, None)
+    usable = int(available * (1 - MARGIN_FRAC))
+    if needed <= usable:
+        return Fit(needed, available, None)
+    runtime = RUNTIME_BASELINE_BYTES.get(device_kind(combo.device), 0)
+    parts = " + ".join(
+        f"{name} {human_bytes(value)}"
+        for name, value in (
+            ("weights", plan["weight_bytes"]),
+            ("KV", plan["kv_cache_bytes"]),
+            ("activations", plan["activation_bytes"]),
+            ("load", plan["load_transient_bytes"]),
+            ("runtime", runtime),
+        )
+        if value or name != "runtime"
+    )
+    fitting = [p for p in FIT_ORDER if p in plans and needed_bytes(plans[p], combo.device) <= usable]
+    if fitting:
+        alternative = f"{fitting[0]} needs {human_bytes(needed_bytes(plans[fitting[0]], combo.device))}"
+    else:
+        smallest = min(plans, key=lambda p: needed_bytes(plans[p], combo.device))
+        alternative = f"no precision fits; the smallest, {smallest}, needs {human_bytes(needed_bytes(plans[smallest], combo.device))}"
+    reason = (
+        f"needs ≈ {human_bytes(needed)} ({parts}); {combo.device} has {human_bytes(available)} free "
+        f"(less a {MARGIN_FRAC:.0%} margin); {alternative}; --no-preflight runs it anyway"
+    )
+    return Fit(needed, available, reason)
+
+
+COMMON_SIZES_GIB = (8, 16, 24, 40, 48, 80)  # device sizes the plan table checks besides those present
+
+
+def plan_table(
+    models: tuple[str, ...],
+    precisions: tuple[str, ...],
+    devices: tuple[str, ...],
+    capabilities: Capabilities,
+    options: Any,
+    budget_bytes: int | None = None,
+) -> list[dict[str, Any]]:
+    """`harness plan`: one row per model x precision with the predicted bytes and where it fits.
+
+    Runs in this process (it imports torch for the meta-device build, but opens no weight file
+    and touches no GPU). Columns `fits_<device>` for each present device (free memory now),
+    `fits_<N>GiB` for the common sizes, and `fits_budget` with --budget-bytes.
+    """
+    from dataclasses import asdict
+
+    from harness.memplan import read_config
+
+    rows = []
+    for model in models:
+        config = read_config(model)
+        per_device = {d: plans_for(config, precisions, capabilities.runs_bf16_well(d), options, d) for d in devices}
+        for precision in precisions:
+            row: dict[str, Any] = {"model": model, "precision": precision}
+            for device in devices:
+                plan = per_device[device][precision]
+                needed = needed_bytes(asdict(plan), device)
+                if "weight_bytes" not in row:
+                    row.update(weight_bytes=plan.weight_bytes, kv_cache_bytes=plan.kv_cache_bytes,
+                               activation_bytes=plan.activation_bytes, load_transient_bytes=plan.load_transient_bytes,
+                               peak_bytes=plan.peak_bytes, needed_bytes=needed, notes=plan.notes)  # fmt: skip
+                available = available_bytes(device, capabilities, options.available_memory_bytes)
+                row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
+            for size in COMMON_SIZES_GIB:
+                row[f"fits_{size}GiB"] = row["needed_bytes"] <= (size << 30) * (1 - MARGIN_FRAC)
+            if budget_bytes is not None:
+                row["fits_budget"] = row["needed_bytes"] <= budget_bytes
+            rows.append(row)
+    return rows
