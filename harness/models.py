@@ -47,13 +47,20 @@ def model_kind_from_config(config: dict) -> str:
         return "causal-lm"
     if not architectures:
         return "causal-lm"
-    if _is_decoder_only(config.get("model_type")):
+    if any(a.endswith(TASK_HEAD_SUFFIXES) for a in architectures) and _is_decoder_only(config.get("model_type")):
         return "other-head"
     return "encoder"
 
 
+TASK_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
 def _is_decoder_only(model_type: str | None) -> bool:
-    """Is this model_type one transformers builds as a causal LM (so a non-LM head is not an encoder)?"""
+    """Is this model_type one transformers builds as a causal LM (so a task head is not an encoder's)?
+
+    Imports transformers' auto-model tables, which import torch (~2 s), so it is asked only for
+    checkpoints whose architecture is a task head.
+    """
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED

@@ -19,6 +19,7 @@ from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
 from harness.models import ModelSource, materialize, resolve_model, unsupported_model_reason
+from harness.quality import NO_TOKENIZER_REASON
 from harness.records import Record
 from harness.storage import RunWriter
 from harness.throughput import median_iqr
@@ -298,6 +299,10 @@ class Runner:
         for name in ("quantizer_import_s", "device_init_s", "quant_state_device"):
             if getattr(record, name) is None:
                 record.na_reasons.setdefault(name, NOT_APPLICABLE[name])
+        if record.model_revision is None:
+            record.na_reasons["model_revision"] = "a local directory, not a hub snapshot"
+        if record.tokenizer_source is None:
+            record.na_reasons["tokenizer_source"] = NO_TOKENIZER_REASON
         if record.checkpoint_bytes is None:
             record.na_reasons.setdefault("checkpoint_bytes", "no weight files found in the checkpoint directory")
         return record

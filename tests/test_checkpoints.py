@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +186,25 @@ def test_harness_plan_prints_what_fits_without_loading(tmp_path: Path) -> None:
     fits = {row["precision"]: row["fits_cpu"] for row in json.loads(done.stdout)}
     assert fits["fp32"] is False and fits["bf16"] is False and fits["fp16"] is False
     assert fits["int8"] is True and fits["nf4"] is True and fits["nf4-dq"] is True
+
+
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "causal-lm"),
+        ({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}, "other-head"),
+        ({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}, "encoder"),
+        ({"model_type": "bert", "architectures": ["BertModel"]}, "encoder"),
+        ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True},
+         "encoder-decoder"),
+    ],
+)  # fmt: skip
+def test_model_kinds_and_which_are_skipped(config: dict[str, Any], kind: str) -> None:
+    from harness.models import ModelSource, model_kind_from_config, unsupported_model_reason
+
+    assert model_kind_from_config(config) == kind
+    model = ModelSource("m", "/m", kind, config["model_type"], True, architecture=config["architectures"][0])
+    reason = unsupported_model_reason(model)
+    assert (reason is None) == (kind in ("causal-lm", "encoder"))
+    if reason:
+        assert config["architectures"][0] in reason and "never loads it as the wrong class" in reason

@@ -8,7 +8,7 @@
 #   HARNESS_HARDWARE_LABEL  this machine's label in ci/hardware.toml
 #   PIP_EXTRA_INDEX_URL     the label's extra index (empty: pip's own configuration)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 : "${NIGHTLY_STACK:?}" "${NIGHTLY_SHARD:?}" "${NIGHTLY_MATRIX:?}" "${NIGHTLY_OUT:?}" "${NIGHTLY_RUN_ID:?}"
 if [[ -z "${PIP_EXTRA_INDEX_URL:-}" ]]; then unset PIP_EXTRA_INDEX_URL; fi
 if [[ "$NIGHTLY_STACK" == current ]]; then

@@ -3,7 +3,7 @@
 # The branch holds one commit: a dir per night (see append-history.sh). No branch yet: an empty
 # history, and tonight is the first night.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 : "${NIGHTLY_HISTORY:?}"
 branch="${NIGHTLY_HISTORY_BRANCH:-nightly-history}"
 mkdir -p "$NIGHTLY_HISTORY"

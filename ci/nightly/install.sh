@@ -3,7 +3,7 @@
 #   install.sh bench   tox (each stack env installs its own pins, tox.ini stack-*)
 #   install.sh report  the harness with its report extra: merging and reporting need no torch
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 case "${1:-bench}" in
   bench) python -m pip install --quiet "tox>=4" ;;
   report) python -m pip install --quiet -e ".[report]" ;;

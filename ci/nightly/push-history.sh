@@ -2,7 +2,7 @@
 # Workflow step (report job, scheduled and dispatched runs only): $NIGHTLY_HISTORY becomes the one
 # commit of the history branch (force-pushed: the branch stays the size of the kept nights).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 : "${NIGHTLY_HISTORY:?}"
 branch="${NIGHTLY_HISTORY_BRANCH:-nightly-history}"
 index="$(mktemp -u)"

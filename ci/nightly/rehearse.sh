@@ -13,7 +13,7 @@
 # Exit: the report step's status (1: a significant regression beyond the gate), else the first
 # failing bench step's.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 work="reports/nightly-rehearsal"
 runs=""
 export NIGHTLY_MATRIX="${NIGHTLY_MATRIX:-ci/nightly/matrix.toml}"

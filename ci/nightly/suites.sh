@@ -3,7 +3,7 @@
 # JUnit XML and pytest-benchmark JSON beside the harness records in the run dir.
 # Exit: pytest's status (1 when a combination failed or broke a budget); an empty shard is 0.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 export HARNESS_STACK="${HARNESS_STACK:-$NIGHTLY_STACK}"
 run_dir="$NIGHTLY_OUT/$NIGHTLY_RUN_ID"
 mkdir -p "$run_dir"
