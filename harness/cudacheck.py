@@ -136,7 +136,7 @@ def first_forward_bytes(record: dict[str, Any], config: dict[str, Any]) -> tuple
     worker makes of them."""
     view = ConfigView(config)
     dtype = record.get("storage_dtype") or "float32"
-    kv = kv_cache_bytes(view, config, FIRST_FORWARD_TOKENS, 1, dtype)
+    kv = kv_cache_bytes(view, config, FIRST_FORWARD_TOKENS, 0, 1, dtype)
     width = view.hidden_size if record.get("model_kind") == "encoder" else view.vocab_size
     per_value = DTYPE_BYTES[dtype] + (4 if dtype != "float32" else 0)
     return kv, FIRST_FORWARD_TOKENS * int(width) * per_value

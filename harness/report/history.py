@@ -31,6 +31,7 @@ RECENT_NIGHTS = 3
 WINDOW_NIGHTS = 14  # two weeks: one outlier night inside the window still leaves a 3-night step at p = 0.02
 MIN_CHANGE_PCT = 10.0
 TONIGHT = "tonight"
+SUMMARY_LINES = 10  # per section of the morning summary
 
 
 def trend_metrics() -> dict[str, bool]:
@@ -279,8 +280,10 @@ def changes_section(
     baseline_name: str,
     gate_pct: float | None,
     min_change_pct: float = MIN_CHANGE_PCT,
+    max_lines: int = SUMMARY_LINES,
 ) -> list[Block]:
-    """The morning summary: only what changed, new failures first, each with its numbers."""
+    """The morning summary: only what changed, new failures first, each with its numbers (at most
+    `max_lines` per section, the largest changes first; the report has every one)."""
     counts = frame["status"].value_counts().to_dict()
     platforms = frame.groupby(["hardware_label", "stack"]).ngroups
     blocks: list[Block] = [
@@ -322,7 +325,8 @@ def changes_section(
         ]))  # fmt: skip
     shown = [(title, lines) for title, lines in sections if lines]
     for title, lines in shown:
-        blocks += [Heading(f"{title} ({len(lines)})", 3), Bullets(lines)]
+        more = [f"… and {len(lines) - max_lines} more in the report"] if len(lines) > max_lines else []
+        blocks += [Heading(f"{title} ({len(lines)})", 3), Bullets(lines[:max_lines] + more)]
     if not shown:
         blocks.append(Text("Nothing changed: same outcomes, no significant change in any metric."))
     if base is not None:
