@@ -22,9 +22,9 @@ from typing import Any
 from harness.errors import UsageError
 from harness.matrix import BNB_4BIT, torch_dtypes
 from harness.models import model_kind_from_config
+from harness.units import GIB
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int64": 8}
-GIB = 1 << 30
 
 # --- bitsandbytes storage rules (bitsandbytes 0.50.2, checked against real loads) ------------
 BNB_4BIT_BLOCK = 64  # elements per absmax

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.matrix import DEFAULT_PRECISIONS, PRECISIONS, Capabilities, Combo
-from harness.units import human_bytes
+from harness.units import GIB, human_bytes
 
 MARGIN_FRAC = 0.05  # of the available memory, kept free for allocator slack and the rest of the machine
 # Device memory the runtime holds before the model: a CUDA context takes ~0.5 GiB. On the host the
@@ -176,7 +176,7 @@ def plan_table(
                 available = available_bytes(device, capabilities, options.available_memory_bytes)
                 row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
             for size in COMMON_SIZES_GIB:
-                row[f"fits_{size}GiB"] = row["needed_bytes"] <= (size << 30) * (1 - MARGIN_FRAC)
+                row[f"fits_{size}GiB"] = row["needed_bytes"] <= (size * GIB) * (1 - MARGIN_FRAC)
             if budget_bytes is not None:
                 row["fits_budget"] = row["needed_bytes"] <= budget_bytes
             rows.append(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-MB = 1 << 20
+from harness.units import MIB as MB
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:

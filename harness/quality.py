@@ -155,16 +155,6 @@ def greedy_outputs(backend: Backend, ids: np.ndarray, options: RunOptions) -> np
     return greedy
 
 
-def causal_outputs(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, np.ndarray]:
-    """All logits over the eval text and the greedy continuations, in memory (small models and tests).
-
-    measure_quality does not use this: it streams chunk by chunk so its peak stays one chunk's logits.
-    """
-    chunks = eval_chunks(ids)
-    logits = np.concatenate([backend.logits(row[None, :])[0] for row in chunks]).astype(np.float32)
-    return {"logits": logits, "chunks": chunks, "greedy": greedy_outputs(backend, ids, options)}
-
-
 def encoder_outputs(backend: Backend, tokenizer, options: RunOptions) -> dict[str, np.ndarray]:
     """Mean-pooled embeddings of the evaluation sentences, in small batches of similar length."""
     sentences = eval_sentences(options)

@@ -14,8 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness.report.pareto import FRONTIER_GROUP, frontier_points
-
-MB = 1 << 20
+from harness.units import MIB as MB
 
 
 def _figure(n: int) -> tuple[Figure, list[Axes]]:

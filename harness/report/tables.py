@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-MB = 1 << 20
+from harness.units import MIB as MB
 
 
 @dataclass(frozen=True)
