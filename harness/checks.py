@@ -8,30 +8,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from harness.records import METRICS
+from harness.registry import PRECISIONS
+
 # Compat agreement with the reference. Each default is the quality loss that precision showed on
-# the zoo's trained models (CPU, bitsandbytes 0.50.2, transformers 5.24; `harness run --models
-# tiny-llama-trained,minilm --no-throughput`), times TOLERANCE_MARGIN: large enough for another
-# machine's build of tiny-llama-trained (training is deterministic per machine and thread count;
-# two builds gave nf4 KL 2.9e-4 and 4.7e-4), small enough that a broken quantizer fails
-# (tests/test_compat_checks.py). Models with random weights have no meaningful agreement scale.
+# the zoo's trained models (the registry's `Precision.measured_loss`, with how it was measured),
+# times TOLERANCE_MARGIN: large enough for another machine's build of tiny-llama-trained (training
+# is deterministic per machine and thread count; two builds gave nf4 KL 2.9e-4 and 4.7e-4), small
+# enough that a broken quantizer fails (tests/test_compat_checks.py). Models with random weights
+# have no meaningful agreement scale.
 TOLERANCE_MARGIN = 5.0
 TOLERANCE_FLOOR = 1e-6  # the reference's own precision measures exactly 0
-MEASURED_LOSS: dict[str, dict[str, float]] = {
-    # mean per-token KL(reference || precision), nats, tiny-llama-trained vs fp32
-    "kl_mean": {
-        "fp32": 0.0, "fp16": 2.8e-7, "bf16": 1.7e-5, "int8": 9.1e-6, "nf4": 4.7e-4, "nf4-dq": 4.8e-4,
-        "fp4": 5.4e-4, "keras-int8": 1.0e-4, "keras-int4": 1.7e-3,
-    },
-    # 1 - mean cosine of sentence embeddings, minilm (trained all-MiniLM-L6-v2) vs fp32
-    "1 - embed_cosine_mean": {
-        "fp32": 0.0, "fp16": 7.0e-7, "bf16": 4.4e-5, "int8": 7.4e-4, "nf4": 2.8e-2, "nf4-dq": 2.8e-2,
-        "fp4": 5.6e-2, "keras-int8": 2.6e-3, "keras-int4": 4.8e-2,
-    },
-}  # fmt: skip
-DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    metric: {p: max(loss * TOLERANCE_MARGIN, TOLERANCE_FLOOR) for p, loss in losses.items()}
-    for metric, losses in MEASURED_LOSS.items()
-}
+
+
+def default_tolerance(metric: str, precision: str) -> float:
+    """measured loss x margin (at least the floor); infinite where nothing was measured."""
+    spec = PRECISIONS.get(precision)
+    loss = spec.measured_loss.get(metric) if spec else None
+    return math.inf if loss is None else max(loss * TOLERANCE_MARGIN, TOLERANCE_FLOOR)
 
 
 def quality_loss(record: dict[str, Any]) -> tuple[str, float | None]:
@@ -52,7 +46,7 @@ def agreement_problems(record: dict[str, Any], tolerances: dict[str, float]) -> 
         reason = record["na_reasons"].get(metric.split()[-1], "not measured")
         return [f"no agreement measured: {reason}"]
     precision = record["precision"]
-    limit = tolerances.get(precision, DEFAULT_TOLERANCES[metric].get(precision, math.inf))
+    limit = tolerances.get(precision, default_tolerance(metric, precision))
     if loss > limit:
         return [
             f"{metric} = {loss:.6g} exceeds the {precision} tolerance {limit:g} (vs {record['reference_precision']})"
@@ -86,11 +80,12 @@ def load_problems(record: dict[str, Any]) -> list[str]:
     return problems
 
 
+# budget name -> (field, "max" or "min"): a metric declared with budget=True gets a ceiling when
+# lower is better (max_load_s) and a floor when higher is better (min_decode_tok_s).
 BUDGET_CHECKS: dict[str, tuple[str, str]] = {
-    "max_load_s": ("load_s", "max"),
-    "max_weight_bytes": ("weight_bytes", "max"),
-    "min_decode_tok_s": ("decode_tok_s", "min"),
-    "max_kl_mean": ("kl_mean", "max"),
+    f"{'min' if m.higher_is_better else 'max'}_{name}": (name, "min" if m.higher_is_better else "max")
+    for name, m in METRICS.items()
+    if m.budget
 }
 
 

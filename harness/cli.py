@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness.config import RunOptions, parse_bytes, parse_int_list
 from harness.errors import UsageError
+from harness.registry import DEFAULT_FRAMEWORKS, DEFAULT_PRECISIONS, FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK
 
 DEFAULT_REPORTS_DIR = Path("reports")
 
@@ -22,8 +23,13 @@ DEFAULT_REPORTS_DIR = Path("reports")
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The matrix axes and run options shared by `harness run` (the pytest plugin mirrors them)."""
     parser.add_argument("--models", help="comma list: zoo names, checkpoint dirs or hub ids (default: the zoo)")
-    parser.add_argument("--frameworks", help="comma list of pytorch, tensorflow (default: pytorch)")
-    parser.add_argument("--precisions", help="comma list, e.g. fp32,bf16,int8,nf4 (default: all PyTorch ones)")
+    parser.add_argument(
+        "--frameworks", help=f"comma list of {', '.join(FRAMEWORKS)} (default: {','.join(DEFAULT_FRAMEWORKS)})"
+    )
+    parser.add_argument(
+        "--precisions",
+        help=f"comma list of {', '.join(PRECISIONS)} (default: {','.join(DEFAULT_PRECISIONS)}; `harness precisions` lists them)",
+    )
     parser.add_argument("--devices", help="comma list of cpu, cuda, cuda:N, xla (default: cpu + cuda if present)")
 
 
@@ -34,7 +40,18 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lengths", default="128", help="comma list (default 128)")
     parser.add_argument("--batch-sizes", default="1", help="comma list (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
-    parser.add_argument("--timing-repeats", type=int, default=5, help="timed repeats after warm-up (default 5)")
+    parser.add_argument(
+        "--time-budget", type=float, default=2.0, help="seconds per timed phase before repeats stop (default 2)"
+    )
+    parser.add_argument(
+        "--ci-target", type=float, default=0.05, help="stop repeating once the median's 95%% CI is within this share"
+    )
+    parser.add_argument(
+        "--no-cold", action="store_true", help="skip the cold-load worker (raw read + a load after a page-cache drop)"
+    )
+    parser.add_argument(
+        "--timing-repeats", type=int, default=3, help="at least this many timed repeats after warm-up (default 3)"
+    )
     parser.add_argument("--eval-text", type=Path, help="UTF-8 text for quality (default: shipped text)")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="quality token budget (default 2048)")
     parser.add_argument("--reference", help="precision quality is measured against (default fp32, else bf16)")
@@ -42,6 +59,9 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--roundtrip", action="store_true", help="check a save/load round trip")
     parser.add_argument("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
+    parser.add_argument(
+        "--reference-model", help="full-precision model that pre-quantized (as-saved) checkpoints are compared with"
+    )
     parser.add_argument("--available-memory", help="device memory to plan against instead of what is free, e.g. 8GiB")
     parser.add_argument("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
@@ -57,6 +77,9 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
         new_tokens=args.new_tokens,
         timing_repeats=args.timing_repeats,
+        time_budget_s=args.time_budget,
+        target_ci_rel=args.ci_target,
+        cold=not args.no_cold,
         eval_text=args.eval_text,
         eval_tokens=args.eval_tokens,
         reference=args.reference,
@@ -66,6 +89,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         tokenizer=args.tokenizer,
+        reference_model=args.reference_model,
         available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
         preflight=not args.no_preflight,
     )
@@ -126,13 +150,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Predicted memory per model x precision, and where it fits: config.json only, no weights, no GPU."""
+    import harness.quiet  # noqa: F401 - the plan builds meta models here, importing torch (and torchao)
     from harness.environment import collect_environment
     from harness.matrix import Capabilities, Selection, split_list
     from harness.preflight import plan_table
     from harness.printers import plan_printers
 
     capabilities = Capabilities.detect(collect_environment())
-    selection = Selection.from_lists(args.models, "pytorch", args.precisions, args.devices, capabilities)
+    selection = Selection.from_lists(args.models, REFERENCE_FRAMEWORK, args.precisions, args.devices, capabilities)
     options = RunOptions(
         prompt_lengths=parse_int_list("prompt-lengths", args.prompt_lengths),
         batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
@@ -169,6 +194,34 @@ def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def precision_table() -> tuple[list[str], list[list[str]]]:
+    """Every registered precision: family, frameworks, what it needs, where it runs (the README's table)."""
+    headers = ["precision", "family", "frameworks", "needs", "devices", "default", "description"]
+    rows = []
+    for p in PRECISIONS.values():
+        extra = p.extra or (FRAMEWORKS[p.frameworks[0]].extra if p.quantized else None)
+        needs = f"`pip install 'harness[{extra}]'`" if extra else "-"
+        where = ", ".join(p.devices) or "nowhere yet"
+        where += "".join(f"; not {kind}: {why}" for kind, why in p.device_reasons.items())
+        rows.append(
+            [p.name, p.family, ", ".join(p.frameworks), needs, where, "yes" if p.default else "", p.description]
+        )
+    return headers, rows
+
+
+def cmd_precisions(args: argparse.Namespace) -> int:
+    from harness.printers import markdown
+
+    headers, rows = precision_table()
+    if args.format == "md":
+        print(markdown(headers, rows))
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        for line in [headers, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from harness.environment import collect_environment
 
@@ -176,13 +229,19 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+# Benchmark checkpoints built on request, outside the default zoo: name -> "module:builder(out_dir)".
+LARGE_BUILDS = {"qwen-0.5b-shape": "harness.archs:build_qwen_05b_shape"}
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from harness import zoo
+    from harness.registry import load_object
 
     names = zoo.ZOO if args.zoo_command == "list" or not args.names else args.names.split(",")
     for name in names:
-        if name not in zoo.ZOO:
-            raise UsageError(f"unknown zoo model '{name}': use one of {', '.join(zoo.ZOO)}")
+        if name not in zoo.ZOO and name not in LARGE_BUILDS:
+            known = ", ".join([*zoo.ZOO, *LARGE_BUILDS])
+            raise UsageError(f"unknown zoo model '{name}': use one of {known}")
     if args.zoo_command == "list":
         print(f"zoo dir: {zoo.zoo_dir()}  (override with ${zoo.ZOO_DIR_ENV})")
         for entry in zoo.ZOO.values():
@@ -193,6 +252,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     for name in names:
+        if name in LARGE_BUILDS:  # ~1 GB of random bf16 weights: speed and memory at real size, not quality
+            out = zoo.zoo_dir() / name
+            if not (out / "config.json").is_file():
+                load_object(LARGE_BUILDS[name])(out)
+            print(f"{name}: {out}", flush=True)
+            continue
         print(f"{name}: {zoo.ensure_built(name)}", flush=True)
     return 0
 
@@ -241,12 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", default="table", help="comma list of table, md, csv, json (default table)")
     plan.set_defaults(func=cmd_plan)
 
+    precisions = commands.add_parser("precisions", help="every precision the registry declares, and where it runs")
+    precisions.add_argument("--format", choices=("table", "md"), default="table")
+    precisions.set_defaults(func=cmd_precisions)
+
     env = commands.add_parser("env", help="print this machine's fingerprint")
     env.set_defaults(func=cmd_env)
 
-    zoo = commands.add_parser("zoo", help="list or build the default model zoo")
+    zoo = commands.add_parser("zoo", help="list or build the default model zoo (and, by name, larger benchmarks)")
     zoo.add_argument("zoo_command", choices=("list", "build"))
-    zoo.add_argument("names", nargs="?", help="comma list of zoo models to build (default: all)")
+    zoo.add_argument(
+        "names", nargs="?", help=f"comma list of zoo models to build (default: the zoo), or {', '.join(LARGE_BUILDS)}"
+    )
     zoo.set_defaults(func=cmd_zoo)
 
     report = commands.add_parser("report", help="compare runs: tables, frontier, recommendation, regressions")

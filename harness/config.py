@@ -27,18 +27,29 @@ class RunOptions:
     prompt_lengths: tuple[int, ...] = (128,)
     batch_sizes: tuple[int, ...] = (1,)
     new_tokens: int = 64
-    timing_repeats: int = 5  # timed repeats for prefill/decode/encode, after warm-up
+    timing_repeats: int = (
+        3  # at least this many timed repeats for prefill/decode/encode (more until the CI target), after warm-up
+    )
     min_timing_s: float = 0.5  # repeats are extended until they add up to this much
     warmup: int = 1
+    time_budget_s: float = 2.0  # per timed phase (load repeats, prefill, decode, encode): stop repeating past it
+    target_ci_rel: float = 0.05  # stop repeating once the median's 95 % CI half-width is below this share
+    cold: bool = True  # one extra worker per combination: raw cold read + a load after dropping the page cache
     eval_text: Path | None = None
     eval_tokens: int = 2048
     greedy_prompts: int = 4
     greedy_tokens: int = 16
     reference: str | None = None  # precision that quality is measured against
+    reference_model: str | None = None  # full-precision model a pre-quantized (as-saved) one is compared with
+    model_references: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] reference_model)
 
     def tokenizer_for(self, model: str) -> str | None:
         """The tokenizer given for `model` (matrix file per model, else --tokenizer), or None."""
         return dict(self.model_tokenizers).get(model, self.tokenizer)
+
+    def reference_model_for(self, model: str) -> str | None:
+        """The full-precision reference model given for `model` (matrix file, else --reference-model)."""
+        return dict(self.model_references).get(model, self.reference_model)
 
     def __post_init__(self) -> None:
         positive = {
@@ -54,6 +65,8 @@ class RunOptions:
         for name, values in (("prompt-lengths", self.prompt_lengths), ("batch-sizes", self.batch_sizes)):
             if not values or any(v <= 0 for v in values):
                 raise UsageError(f"--{name} needs positive integers, got {list(values)}")
+        if self.time_budget_s <= 0 or not 0 < self.target_ci_rel < 1:
+            raise UsageError("--time-budget must be positive and --ci-target between 0 and 1")
         if self.min_timing_s < 0 or self.warmup < 0:
             raise UsageError("--min-timing and --warmup cannot be negative")
         for name, value in (
@@ -65,7 +78,7 @@ class RunOptions:
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise UsageError(f"--eval-text {self.eval_text}: no such file; give a UTF-8 text file")
         if self.reference is not None:
-            from harness.matrix import PRECISIONS
+            from harness.registry import PRECISIONS
 
             if self.reference not in PRECISIONS:
                 raise UsageError(f"unknown --reference '{self.reference}': use one of {', '.join(PRECISIONS)}")

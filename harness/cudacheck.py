@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.matrix import BNB_4BIT
 from harness.measure import FIRST_FORWARD_TOKENS
 from harness.memplan import DTYPE_BYTES, kv_cache_bytes
+from harness.registry import PRECISIONS
 from harness.storage import read_records
 
-BNB_PRECISIONS = ("int8", *BNB_4BIT)
+BNB_PRECISIONS = tuple(p.name for p in PRECISIONS.values() if p.family == "bitsandbytes")
 PEAK_TOLERANCE = 0.10  # peak allocated within 10 % of weights + KV + first-forward outputs
 # cuBLAS and cuBLASLt workspaces come from PyTorch's caching allocator, so they count in
 # max_memory_allocated: 32 MiB each on compute capability 9.0 in torch 2.x (8.1 MiB elsewhere).

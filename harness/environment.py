@@ -31,6 +31,13 @@ LIBRARIES = (
     "keras",
     "keras-hub",
     "torch_xla",
+    "jax",
+    "jaxlib",
+    "torchao",
+    "optimum-quanto",
+    "hqq",
+    "llama-cpp-python",
+    "gguf",
     "pandas",
     "pytest-benchmark",
 )
@@ -213,6 +220,20 @@ def collect_environment() -> Environment:
         hardware_name=os.environ.get(HARDWARE_LABEL_ENV, "").strip() or None,
         stack=os.environ.get(STACK_ENV, "").strip() or None,
     )
+
+
+def bf16_native(device: str, compute_capability: str | tuple[int, int] | None, cpu_bf16: bool) -> bool:
+    """The one rule for "does this device run bf16 natively": CUDA compute capability 8.0 or newer
+    (Ampere+), a CPU with AVX512-BF16 or AMX (`cpu_bf16`), and every XLA device (TPUs are bf16-first)."""
+    kind = device.partition(":")[0]
+    if kind == "cuda":
+        if compute_capability is None:
+            return False
+        major, minor = (
+            compute_capability if isinstance(compute_capability, tuple) else map(int, compute_capability.split("."))
+        )
+        return (major, minor) >= (8, 0)
+    return cpu_bf16 if kind == "cpu" else True
 
 
 def cpu_runs_bf16_well(cpu_flags: list[str]) -> bool:

@@ -14,9 +14,9 @@ import pytest
 
 from harness.config import RunOptions, parse_bytes
 from harness.environment import Environment, collect_environment
-from harness.matrix import Capabilities, Combo, Selection
+from harness.matrix import Capabilities, Combo, Selection, combo_id
 from harness.matrixfile import MatrixFile, load_matrix_file
-from harness.records import Record
+from harness.records import METRICS, Record
 from harness.runner import Plan, Runner, reference_first
 from harness.storage import RunWriter
 
@@ -29,8 +29,8 @@ def display_name(model: str) -> str:
     return path.name if model.startswith(("/", ".", "~")) or path.is_dir() else model
 
 
-def combo_id(combo: Combo) -> str:
-    return f"{display_name(combo.model)}-{combo.framework}-{combo.precision}-{combo.device}"
+def param_id(combo: Combo) -> str:
+    return combo_id(display_name(combo.model), combo.framework, combo.precision, combo.device)
 
 
 def axis_markers(combo: Combo) -> list[str]:
@@ -41,7 +41,7 @@ def axis_markers(combo: Combo) -> list[str]:
 
 
 def combo_param(combo: Combo) -> Any:
-    return pytest.param(combo, id=combo_id(combo), marks=[getattr(pytest.mark, m) for m in axis_markers(combo)])
+    return pytest.param(combo, id=param_id(combo), marks=[getattr(pytest.mark, m) for m in axis_markers(combo)])
 
 
 class HarnessSession:
@@ -81,14 +81,20 @@ class HarnessSession:
             axis("models"), axis("frameworks"), axis("precisions"), axis("devices"), capabilities
         )
         benchmark = bool(config.getoption("--benchmark"))
-        settings: dict[str, Any] = {"repeats": 1, "roundtrip": True, "throughput": benchmark}
+        settings: dict[str, Any] = {"repeats": 1, "roundtrip": True, "throughput": benchmark, "cold": benchmark}
         settings |= matrix_file.options if matrix_file else {}
         if config.getoption("--tokenizer"):
             settings["tokenizer"] = config.getoption("--tokenizer")
+        if config.getoption("--reference-model"):
+            settings["reference_model"] = config.getoption("--reference-model")
         if config.getoption("--available-memory"):
             settings["available_memory_bytes"] = parse_bytes(config.getoption("--available-memory"))
         if config.getoption("--no-preflight"):
             settings["preflight"] = False
+        if config.getoption("--time-budget"):
+            settings["time_budget_s"] = config.getoption("--time-budget")
+        if config.getoption("--no-cold"):
+            settings["cold"] = False
         options = RunOptions(**settings)
         plan = Plan.create(selection, options)
         combos = [
@@ -166,12 +172,12 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "decode": ("decode_tok_s_samples", "tokens_per_second"),
     "encode": ("encode_samples_s_samples", "sequences_per_second"),
 }
+# pytest-benchmark extra_info: who, every declared metric (harness.records.METRICS), and its context
 EXTRA_INFO_FIELDS = (
-    "model", "framework", "precision", "device", "env_id", "hardware_id", "weight_bytes", "checkpoint_bytes",
-    "peak_rss_bytes", "peak_rss_anon_bytes", "rss_file_bytes", "peak_device_allocated_bytes", "load_s",
-    "first_forward_s", "prefill_tok_s", "decode_tok_s", "encode_samples_s", "ttft_s", "decode_roofline_tok_s",
-    "decode_roofline_frac", "memory_bandwidth_bytes_s", "kl_mean", "ppl_delta_frac", "top1_agree",
-    "embed_cosine_mean", "reference_precision", "storage_dtype", "compute_dtype",
+    "model", "framework", "precision", "family", "device", "env_id", "hardware_id",
+    *METRICS,
+    "peak_rss_anon_bytes", "rss_file_bytes", "decode_roofline_tok_s", "memory_bandwidth_bytes_s",
+    "reference_precision", "reference_model", "storage_dtype", "compute_dtype", "contended",
 )  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """Launchers: run a WorkerJob in a fresh, isolated process under a timeout.
 
-PyTorch workers fork from a forkserver that has already imported torch and transformers (and
-bitsandbytes on machines without a GPU, since its import probes CUDA), so each combination gets
-a fresh process without paying the imports again. The forkserver never touches CUDA. Other
-frameworks use spawn, so TensorFlow and PyTorch never share a process.
+Each framework's registry entry says how its workers start. PyTorch workers fork from a
+forkserver that has already imported torch and transformers (and, on machines without a GPU,
+the selected precisions' quantizer packages, whose imports may probe CUDA), so each combination
+gets a fresh process without paying the imports again. The forkserver never touches CUDA.
+Spawned frameworks (TensorFlow) start a clean interpreter per worker and never share a process
+with PyTorch.
 """
 
 from __future__ import annotations
@@ -19,13 +21,9 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
+from harness.registry import FRAMEWORKS
 from harness.worker import WorkerJob, worker_main
 
-PYTORCH_PRELOAD = ["harness.worker", "harness.measure", "harness.backends.pytorch"]
-IMPORT_STATEMENTS = {
-    "pytorch": "import torch, transformers",
-    "tensorflow": "import tensorflow, keras, keras_hub",
-}
 CGROUP_EVENTS = Path("/sys/fs/cgroup/memory.events")
 
 
@@ -62,9 +60,7 @@ def _signal_name(number: int) -> str:
 
 def measure_import_s(framework: str) -> float | None:
     """Seconds to import the framework stack in a fresh interpreter (one sample)."""
-    statement = IMPORT_STATEMENTS.get(framework)
-    if statement is None:
-        return None
+    statement = FRAMEWORKS[framework].import_statement
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -76,17 +72,17 @@ def measure_import_s(framework: str) -> float | None:
 class Launcher:
     """Starts one worker per job and turns every way a worker can end into a WorkerResult."""
 
-    def __init__(self, preload_bitsandbytes: bool) -> None:
+    def __init__(self, extra_preload: dict[str, tuple[str, ...]] | None = None) -> None:
+        """`extra_preload`: per framework, modules its forkserver imports beyond the registry's preload."""
         self._contexts: dict[str, BaseContext] = {}
-        self._preload = PYTORCH_PRELOAD + (["bitsandbytes"] if preload_bitsandbytes else [])
+        self._extra_preload = extra_preload or {}
 
     def _context(self, framework: str) -> BaseContext:
         if framework not in self._contexts:
-            if framework == "pytorch":
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(self._preload)
-            else:
-                context = multiprocessing.get_context("spawn")
+            descriptor = FRAMEWORKS[framework]
+            context = multiprocessing.get_context(descriptor.start_method)
+            if descriptor.start_method == "forkserver":
+                context.set_forkserver_preload([*descriptor.preload, *self._extra_preload.get(framework, ())])
             self._contexts[framework] = context
         return self._contexts[framework]
 

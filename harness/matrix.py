@@ -5,64 +5,18 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from harness.environment import Environment, GpuInfo, cpu_runs_bf16_well
+from harness.environment import Environment, GpuInfo, bf16_native, cpu_runs_bf16_well
 from harness.errors import UsageError
+from harness.registry import DEFAULT_FRAMEWORKS, DEFAULT_PRECISIONS, FRAMEWORKS, PRECISIONS, all_packages
 
-FRAMEWORKS: tuple[str, ...] = ("pytorch", "tensorflow")
-FRAMEWORK_PACKAGES: dict[str, tuple[str, ...]] = {
-    "pytorch": ("torch", "transformers"),
-    "tensorflow": ("tensorflow", "keras", "keras_hub"),
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """A precision name and how it is produced."""
-
-    name: str
-    framework: str
-    quantizer: str | None
-    description: str
-
-
-PRECISIONS: dict[str, Precision] = {
-    p.name: p
-    for p in (
-        Precision("fp32", "any", None, "float32 weights and compute"),
-        Precision("fp16", "any", None, "float16 weights and compute"),
-        Precision("bf16", "any", None, "bfloat16 weights and compute"),
-        Precision("int8", "pytorch", "bitsandbytes", "LLM.int8() (bitsandbytes 8-bit)"),
-        Precision("nf4", "pytorch", "bitsandbytes", "4-bit NF4 (bitsandbytes)"),
-        Precision("nf4-dq", "pytorch", "bitsandbytes", "4-bit NF4 with double quantization"),
-        Precision("fp4", "pytorch", "bitsandbytes", "4-bit FP4 (bitsandbytes)"),
-        Precision("keras-int8", "tensorflow", "keras", "Keras int8 weight quantization"),
-        Precision("keras-int4", "tensorflow", "keras", "Keras int4 weight quantization"),
-    )
-}
-# TensorFlow is opt-in (`--frameworks pytorch,tensorflow`): its workers are spawned, each paying
-# a ~8 s import, which would triple the default matrix's time.
-DEFAULT_FRAMEWORKS: tuple[str, ...] = ("pytorch",)
-BNB_4BIT = ("nf4", "nf4-dq", "fp4")
-DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|xla(:\d+)?)$")
 
 
-def torch_dtypes(precision: str, fast_bf16: bool) -> tuple[str, str]:
-    """(storage dtype of unquantized tensors, compute dtype) of a PyTorch precision, as names.
-
-    Quantized precisions keep embeddings, norms and head in 16-bit: bf16 where the device runs
-    it natively, else fp16; LLM.int8() multiplies in fp16, so int8 is always fp16. 4-bit layers
-    compute in bf16 where native, else fp32. Read by the backend (to load) and the memory plan.
-    """
-    if precision in ("fp32", "fp16", "bf16"):
-        name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
-        return name, name
-    if precision == "int8":
-        return "float16", "float16"
-    if precision in BNB_4BIT:
-        return ("bfloat16", "bfloat16") if fast_bf16 else ("float16", "float32")
-    raise ValueError(f"precision {precision} is not a PyTorch precision")
+def combo_id(model: str, framework: str, precision: str, device: str) -> str:
+    """The one id format of a combination (logs, test ids, printed tables): model-framework-precision-device."""
+    return f"{model}-{framework}-{precision}-{device}"
 
 
 @dataclass(frozen=True, order=True)
@@ -76,8 +30,8 @@ class Combo:
 
     @property
     def id(self) -> str:
-        """Readable, stable test id, e.g. `tiny-llama-pytorch-nf4-cpu`."""
-        return f"{self.model}-{self.framework}-{self.precision}-{self.device}"
+        """Readable, stable id, e.g. `tiny-llama-pytorch-nf4-cpu`."""
+        return combo_id(self.model, self.framework, self.precision, self.device)
 
 
 @dataclass(frozen=True)
@@ -89,14 +43,16 @@ class Capabilities:
     installed: frozenset[str]
     cpu_bf16: bool
     tensorflow_gpu_build: bool = False  # the `tensorflow` wheel, not `tensorflow-cpu`
+    jax_cuda_build: bool = False  # a jax CUDA plugin is installed (jax_cuda12_plugin / jax_cuda13_plugin)
+    llamacpp_cuda_build: bool = False  # llama-cpp-python was built with GGML_CUDA (ships libggml-cuda)
 
     @classmethod
     def detect(cls, env: Environment) -> Capabilities:
-        names = {"torch", "transformers", "bitsandbytes", "tensorflow", "keras", "keras_hub"}
-        names |= {"torch_xla"}
-        installed = frozenset(n for n in names if importlib.util.find_spec(n) is not None)
+        installed = frozenset(n for n in all_packages() if is_installed(n))
         tf_gpu = "tensorflow" in env.libraries
-        return cls(tuple(env.gpus), env.torch_cuda_build, installed, cpu_runs_bf16_well(env.cpu_flags), tf_gpu)
+        jax_cuda = any(is_installed(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+        return cls(tuple(env.gpus), env.torch_cuda_build, installed, cpu_runs_bf16_well(env.cpu_flags), tf_gpu,
+                   jax_cuda, _llamacpp_has_cuda())  # fmt: skip
 
     def gpu(self, device: str) -> GpuInfo | None:
         index = int(device.partition(":")[2] or 0)
@@ -104,57 +60,69 @@ class Capabilities:
 
     def runs_bf16_well(self, device: str) -> bool:
         """bf16 is native on Ampere+ GPUs and on CPUs with AVX512-BF16/AMX."""
-        if device.startswith("cuda"):
-            gpu = self.gpu(device)
-            return gpu is not None and float(gpu.compute_capability) >= 8.0
-        return self.cpu_bf16
+        gpu = self.gpu(device) if device.startswith("cuda") else None
+        capability = gpu.compute_capability if gpu else None
+        return bf16_native(device, capability, self.cpu_bf16)
 
 
-def framework_missing(framework: str, caps: Capabilities) -> str | None:
-    missing = [p for p in FRAMEWORK_PACKAGES[framework] if p not in caps.installed]
-    if missing:
-        extra = "torch" if framework == "pytorch" else "tf"
-        return f"{framework} needs {', '.join(missing)}: pip install 'harness[{extra}]'"
-    return None
+def is_installed(name: str) -> bool:
+    """Whether `name` (a dotted import name, e.g. optimum.quanto) can be imported, without importing
+    it (only a dotted name's parent packages are imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (optimum for optimum.quanto)
+        return False
+
+
+def _llamacpp_has_cuda() -> bool:
+    """A CUDA build of llama-cpp-python ships libggml-cuda beside its module (found without importing it)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    return any(Path(spec.origin).parent.glob("lib/libggml-cuda*"))
+
+
+def _missing(packages: tuple[str, ...], caps: Capabilities) -> list[str]:
+    return [p for p in packages if p not in caps.installed]
 
 
 def unsupported_reason(combo: Combo, caps: Capabilities) -> str | None:
-    """Why `combo` cannot run on this machine, or None when it can."""
-    precision = PRECISIONS[combo.precision]
-    reason = framework_missing(combo.framework, caps)
-    if reason:
-        return reason
-    if precision.framework not in ("any", combo.framework):
-        if precision.quantizer == "bitsandbytes":
-            return (
-                f"{combo.precision} is bitsandbytes, which quantizes PyTorch modules only; use keras-int8 or keras-int4"
-            )
-        return f"{combo.precision} is Keras's own quantization; use int8, nf4, nf4-dq or fp4 with pytorch"
-    device = combo.device
-    if device.startswith("xla"):
-        if combo.framework != "pytorch":
-            return "xla devices are reached through torch_xla (PyTorch) only"
-        if "torch_xla" not in caps.installed:
-            return "torch_xla is not installed (needed for TPUs): pip install torch_xla"
-        if precision.quantizer == "bitsandbytes":
-            return "bitsandbytes has no XLA backend"
-    if device.startswith("cuda"):
+    """Why `combo` cannot run on this machine, or None when it can: every rule read from the registry."""
+    framework, precision = FRAMEWORKS[combo.framework], PRECISIONS[combo.precision]
+    missing = _missing(framework.packages, caps)
+    if missing:
+        return f"{framework.name} needs {', '.join(missing)}: pip install 'harness[{framework.extra}]'"
+    if combo.framework not in precision.frameworks:
+        others = [p.name for p in PRECISIONS.values() if combo.framework in p.frameworks and p.quantized]
+        return (
+            f"{combo.precision} ({precision.family}) runs on {', '.join(precision.frameworks)} only;"
+            f" {combo.framework} offers {', '.join(others) or 'no quantized precision'}"
+        )
+    kind = combo.device.partition(":")[0]
+    if kind not in framework.devices:
+        return f"{framework.name} does not reach {kind} devices here (it runs on {', '.join(framework.devices)})"
+    missing = _missing(framework.device_packages.get(kind, ()), caps)
+    if missing:
+        return f"{kind} devices need {', '.join(missing)} with {framework.name}: pip install {' '.join(missing)}"
+    if kind not in precision.devices:
+        return precision.device_reasons.get(kind, f"{combo.precision} does not run on {kind} devices")
+    if kind == "cuda":
         if not caps.gpus:
             return "no CUDA GPU on this machine (NVML finds none)"
-        gpu = caps.gpu(device)
+        gpu = caps.gpu(combo.device)
         if gpu is None:
-            return f"{device} does not exist: this machine has {len(caps.gpus)} GPU(s)"
-        if combo.framework == "pytorch" and caps.torch_cuda_build is None:
-            return "the installed torch is a CPU build: install a CUDA build of torch"
-        if combo.framework == "tensorflow" and not caps.tensorflow_gpu_build:
-            return "tensorflow-cpu has no GPU support: pip install 'tensorflow[and-cuda]'"
+            return f"{combo.device} does not exist: this machine has {len(caps.gpus)} GPU(s)"
+        if framework.cuda_build and not getattr(caps, framework.cuda_build):
+            return framework.no_cuda_build_reason
         cc = float(gpu.compute_capability)
-        if combo.precision == "int8" and cc < 7.5:
-            return f"LLM.int8() needs compute capability >= 7.5; {gpu.name} has {cc}"
-        if combo.precision == "bf16" and cc < 8.0:
-            return f"bf16 needs compute capability >= 8.0; {gpu.name} has {cc}"
-    if precision.quantizer == "bitsandbytes" and "bitsandbytes" not in caps.installed:
-        return "bitsandbytes is not installed: pip install 'harness[quant]'"
+        if precision.min_compute_capability and cc < precision.min_compute_capability:
+            return (
+                f"{combo.precision} needs compute capability >= {precision.min_compute_capability}; {gpu.name} has {cc}"
+            )
+    missing = _missing(precision.packages, caps)
+    if missing:
+        extra = f"'harness[{precision.extra}]'" if precision.extra else " ".join(missing)
+        return f"{combo.precision} needs {', '.join(missing)}: pip install {extra}"
     return None
 
 

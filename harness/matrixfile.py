@@ -25,6 +25,10 @@
     tolerances = { nf4 = 1.0 }
     tokenizer = "/path/to/tokenizer"   # for a weights-only checkpoint (else --tokenizer)
 
+    [models."/ckpt/llama-nf4"]          # a pre-quantized checkpoint, run as saved
+    precisions = ["as-saved"]
+    reference_model = "/ckpt/llama"     # its full-precision original (else --reference-model)
+
 Every key and value is validated; a bad one is a one-line error naming the file and the fix.
 """
 
@@ -36,15 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.checks import BUDGET_CHECKS
 from harness.config import RunOptions
 from harness.errors import UsageError
-from harness.matrix import PRECISIONS
+from harness.registry import PRECISIONS
 
 AXES = ("models", "frameworks", "precisions", "devices")
-BUDGETS = ("max_load_s", "max_weight_bytes", "min_decode_tok_s", "max_kl_mean")
+BUDGETS = tuple(BUDGET_CHECKS)  # from the metrics declared with budget=True (harness.records)
 # Field annotations are strings here (config.py uses `from __future__ import annotations`).
 OPTION_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(RunOptions)}
-MODEL_KEYS = ("precisions", "frameworks", "devices", "budgets", "tolerances", "tokenizer")
+MODEL_KEYS = ("precisions", "frameworks", "devices", "budgets", "tolerances", "tokenizer", "reference_model")
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def load_matrix_file(path: Path) -> MatrixFile:
     except tomllib.TOMLDecodeError as exc:
         raise _fail(path, f"not valid TOML ({exc})") from None
     allowed = (*AXES, "options", "budgets", "tolerances")
-    axes, per_model, options, tokenizers = {}, {}, {}, {}
+    axes, per_model, options, tokenizers, references = {}, {}, {}, {}, {}
     for key, value in data.items():
         if key not in allowed:
             raise _fail(path, f"unknown key '{key}'; use one of {', '.join(allowed)}")
@@ -143,14 +148,17 @@ def load_matrix_file(path: Path) -> MatrixFile:
                     path, f"models.{name}.tolerances", table.get("tolerances", {}), tuple(PRECISIONS)
                 ),
             }
-            if "tokenizer" in table:
-                if not isinstance(table["tokenizer"], str):
-                    raise _fail(path, f"models.{name}.tokenizer must be a path or hub id string")
-                tokenizers[name] = table["tokenizer"]
+            for key, found in (("tokenizer", tokenizers), ("reference_model", references)):
+                if key in table:
+                    if not isinstance(table[key], str):
+                        raise _fail(path, f"models.{name}.{key} must be a path or hub id string")
+                    found[name] = table[key]
     for key, value in (data.get("options") or {}).items():
         options[key] = _option(path, key, value)
     if tokenizers:
         options["model_tokenizers"] = tuple(tokenizers.items())
+    if references:
+        options["model_references"] = tuple(references.items())
     try:
         RunOptions(**options)
     except UsageError as exc:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.backends.base import Backend
-from harness.trackers import HostMemoryTracker, Timer, proc_status
+from harness.trackers import PhaseMeter, PhaseResult, Timer, proc_status
 
 FIRST_FORWARD_TOKENS = 16
 
@@ -34,26 +35,36 @@ def run_forward(backend: Backend, kind: str, batch: dict[str, np.ndarray]) -> np
     return backend.embed(batch["input_ids"], batch["attention_mask"])
 
 
-def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str, Any]:
-    """Load the model and run the first forward; time both and track memory over both."""
+def measure_load(
+    backend: Backend, kind: str, eval_ids: np.ndarray, before_load: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Load the model and run the first forward; time both, each its own memory/contention phase.
+
+    `before_load` runs right before the timed load, after imports and device set-up (the cold load
+    drops the checkpoint's pages there). The phase results are in fields["_phases"], for
+    measure_after_load's headline; the worker removes the key.
+    """
     fields: dict[str, Any] = dict(backend.prepare())  # quantizer import and CUDA context: outside load_s
-    backend.reset_device_peaks()
-    with HostMemoryTracker() as memory:
+    if before_load is not None:
+        before_load()
+    with PhaseMeter("load", backend, timed=True) as load_phase:
         with Timer(backend.synchronize) as load_timer:
             backend.load()
-        status = proc_status()  # the tracker keeps running through the first forward
+    status = proc_status()
+    with PhaseMeter("first_forward", backend, timed=True) as forward_phase:
         with Timer(backend.synchronize) as forward_timer:
             output = run_forward(backend, kind, first_input(kind, eval_ids))
     if not np.isfinite(output).all():
         raise FloatingPointError("the first forward pass produced non-finite outputs")
     fields["first_forward_max_abs"] = float(np.abs(output).max())
     stats = backend.weight_stats()
+    load_memory, forward_memory = load_phase.result.host, forward_phase.result.host
     fields.update(
         load_s=load_timer.elapsed_s,
         first_forward_s=forward_timer.elapsed_s,
-        rss_before_load_bytes=memory.result.before_bytes,
-        peak_rss_bytes=memory.result.peak_rss_bytes,
-        peak_rss_anon_bytes=memory.result.peak_rss_anon_bytes,
+        rss_before_load_bytes=load_memory.before_bytes,
+        peak_rss_bytes=max(load_memory.peak_rss_bytes, forward_memory.peak_rss_bytes),
+        peak_rss_anon_bytes=max(load_memory.peak_rss_anon_bytes, forward_memory.peak_rss_anon_bytes),
         rss_after_load_bytes=status["VmRSS"],
         rss_anon_bytes=status["RssAnon"],
         rss_file_bytes=status["RssFile"],
@@ -69,8 +80,70 @@ def measure_load(backend: Backend, kind: str, eval_ids: np.ndarray) -> dict[str,
         quant_state_device=stats.quant_state_device,
         checkpoint_bytes=checkpoint_bytes(backend.spec.source, backend.spec.allow_pickle),
     )
-    fields.update(backend.device_memory())
+    device = backend.device_memory()  # allocator peaks over load + first forward: the larger phase's
+    peaks = [p.result.device_peak_bytes for p in (load_phase, forward_phase) if p.result.device_peak_bytes is not None]
+    if peaks:
+        device["peak_device_allocated_bytes"] = max(peaks)
+    fields.update(device)
+    fields["_phases"] = [load_phase.result, forward_phase.result]
     return fields
+
+
+PHASES = ("load", "first_forward", "prefill", "decode", "encode", "quality")
+
+
+def intra_op_threads() -> int | None:
+    """The framework's intra-op thread count (PyTorch workers), else None."""
+    import sys
+
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    return None
+
+
+def phase_fields(phases: list[PhaseResult], device: str, reasons: dict[str, str]) -> dict[str, Any]:
+    """Per-phase peaks, the headline peak_memory_bytes, and contention, from the phases that ran.
+
+    Phases that did not run get null fields with a reason. The headline is the largest host peak RSS
+    over every phase on the host (cpu), the largest allocator peak on a GPU (where the allocator
+    reports one; else the host's, and peak_memory_phase says "host:<phase>").
+    """
+    from harness.contention import contention_fields
+
+    out: dict[str, Any] = {}
+    ran = {p.name: p for p in phases}
+    for name in PHASES:
+        phase = ran.get(name)
+        device_name = f"peak_device_allocated_{name}_bytes"
+        host_names = (f"peak_rss_{name}_bytes", f"peak_rss_anon_{name}_bytes")
+        if phase is None:
+            for field_name in (device_name, *host_names):
+                out[field_name] = None
+                reasons.setdefault(field_name, f"the {name.replace('_', ' ')} phase did not run in this worker")
+            continue
+        out[host_names[0]] = phase.host.peak_rss_bytes
+        out[host_names[1]] = phase.host.peak_rss_anon_bytes
+        out[device_name] = phase.device_peak_bytes
+        if phase.device_peak_bytes is None:
+            reasons[device_name] = (
+                "cpu: the host is the device; see peak_rss_*"
+                if device == "cpu"
+                else "the device reports no allocator peak"
+            )
+    host_peak = max(phases, key=lambda p: p.host.peak_rss_bytes)
+    device_phases = [p for p in phases if p.device_peak_bytes is not None]
+    if device != "cpu" and device_phases:
+        top = max(device_phases, key=lambda p: p.device_peak_bytes or 0)
+        out.update(peak_memory_bytes=top.device_peak_bytes, peak_memory_phase=top.name)
+    else:
+        prefix = "" if device == "cpu" else "host:"
+        out.update(peak_memory_bytes=host_peak.host.peak_rss_bytes, peak_memory_phase=prefix + host_peak.name)
+    out["peak_rss_method"] = "clear_refs" if all(p.host.hwm_reset for p in phases) else "sampled"
+    loads = [p.load for p in phases if p.load is not None]
+    out.update(contention_fields(loads, intra_op_threads()))
+    if out["intra_op_threads"] is None:
+        reasons["intra_op_threads"] = "not a PyTorch worker: the framework's thread count is not read"
+    return out
 
 
 def roofline_fields(fields: dict[str, Any], bandwidth_bytes_s: float | None) -> dict[str, Any]:
@@ -106,17 +179,23 @@ def measure_after_load(
         na(fields, reasons, "encoder metric; this model is a causal LM", "encode_samples_s", "encode_samples_s_iqr")
     else:
         na(fields, reasons, "encoders do not generate: no prefill/decode", *decode_fields)
+    phases: list[PhaseResult] = list(loaded.get("_phases", []))
     if options.throughput:
-        fields.update(measure_throughput(backend, kind, eval_ids, options))
+        fields.update(measure_throughput(backend, kind, eval_ids, options, phases))
         if kind == "causal-lm":
             fields["prefill_logits"] = backend.prefill_logits
     else:
         na(fields, reasons, "throughput disabled (--no-throughput)", *decode_fields, "encode_samples_s",
            "encode_samples_s_iqr", "prompt_length", "batch_size", "memory_bandwidth_bytes_s", "decode_roofline_tok_s")  # fmt: skip
+    rate_ci = ("prefill_tok_s_ci_rel", "decode_tok_s_ci_rel") if kind == "causal-lm" else ("encode_samples_s_ci_rel",)
+    for name in ("prefill_tok_s_ci_rel", "decode_tok_s_ci_rel", "encode_samples_s_ci_rel"):
+        if fields.get(name) is None:
+            reason = "fewer than 2 samples (or 1 new token): no CI" if name in rate_ci else "not this kind's metric"
+            na(fields, reasons, reasons.get(name.replace("_ci_rel", ""), reason), name)
     fields.update(roofline_fields(loaded | fields, job.memory_bandwidth_bytes_s))
     if kind != "causal-lm":
         na(fields, reasons, "encoders do not generate: no decode roofline", "decode_roofline_frac")
-    quality_phase = ("peak_rss_quality_bytes", "peak_rss_anon_quality_bytes")
+    quality_phase = ("peak_rss_quality_bytes", "peak_rss_anon_quality_bytes", "peak_device_allocated_quality_bytes")
     if not options.quality or no_quality_reason:
         reason = no_quality_reason or "quality disabled (--no-quality)"
         na(
@@ -126,6 +205,7 @@ def measure_after_load(
             *CAUSAL_FIELDS,
             *ENCODER_FIELDS,
             "eval_tokens",
+            "eval_tokens_requested",
             "reference_precision",
             *quality_phase,
         )
@@ -133,16 +213,18 @@ def measure_after_load(
         if kind == "causal-lm":
             na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
         else:
-            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens")
+            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens",
+               "eval_tokens_requested")  # fmt: skip
         if job.reference_path is None and job.write_reference_path is None:
             note = job.reference_note or "no reference output for this model and device"
-            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "reference_precision")
+            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "eval_tokens_requested",
+               "reference_precision", *quality_phase)  # fmt: skip
         else:
-            with HostMemoryTracker() as memory:
+            forward_tok_s = fields.get("prefill_tok_s") or FIRST_FORWARD_TOKENS / max(loaded["first_forward_s"], 1e-9)
+            with PhaseMeter("quality", backend) as meter:
                 quality = measure_quality(backend, kind, eval_ids, options, job.reference_path,
-                                          job.write_reference_path, job.model.tokenizer)  # fmt: skip
-            quality.update(peak_rss_quality_bytes=memory.result.peak_rss_bytes,
-                           peak_rss_anon_quality_bytes=memory.result.peak_rss_anon_bytes)  # fmt: skip
+                                          job.write_reference_path, job.model.tokenizer, forward_tok_s)  # fmt: skip
+            phases.append(meter.result)
             fields.update(quality)
             for name in quality:
                 reasons.pop(name, None)
@@ -156,5 +238,13 @@ def measure_after_load(
             na(fields, reasons, f"not serializable: {exc}", "roundtrip_max_abs_diff")
     else:
         na(fields, reasons, "round trip not requested (--roundtrip)", "roundtrip_max_abs_diff")
+    fields.update(phase_fields(phases, backend.spec.device, reasons))
+    fields["budget_limited"] = list(fields.get("budget_limited", []))
+    fields["device_process_end_bytes"] = backend.device_memory().get("device_process_bytes")
+    if fields["device_process_end_bytes"] is None:
+        reasons["device_process_end_bytes"] = (
+            "cpu: the host is the device; see the host memory fields" if backend.spec.device == "cpu" else
+            "NVML lists no process with this worker's pid, or NVML is unavailable"
+        )  # fmt: skip
     fields["na_reasons"] = reasons
     return fields

@@ -1,7 +1,7 @@
 """A memory plan from config.json alone: weights, KV cache, activations and load transient.
 
 No weight file is opened. The architecture is built on the meta device at the precision's storage
-dtype (`harness.matrix.torch_dtypes`), and bitsandbytes' module replacement is applied by
+dtype (the registry's `Precision.torch_dtypes`), and bitsandbytes' module replacement is applied by
 arithmetic, with transformers' own rule for which layers to keep (`get_keys_to_not_convert`,
 `modules_to_not_convert`, `should_convert_module`), without importing bitsandbytes (its import
 probes CUDA, and the plan runs in the parent process). The byte rules below mirror the tensors
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
-from harness.matrix import BNB_4BIT, torch_dtypes
 from harness.models import model_kind_from_config
+from harness.registry import PRECISIONS, Precision
 from harness.units import GIB
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int64": 8}
@@ -33,6 +33,10 @@ BNB_4BIT_CODE_BYTES = 16 * 4  # each 4-bit layer holds its own 16-entry fp32 cod
 BNB_NESTED_OFFSET_BYTES = 4  # nf4-dq: one fp32 offset per layer
 BNB_NESTED_CODE_BYTES = 256 * 4  # nf4-dq: each layer holds its own copy of the 256-entry dynamic map
 BNB_INT8_SCALE_BYTES = 4  # LLM.int8(): one fp32 scale (SCB) per output row
+# Other weight-only quantizers (torchao, quanto, HQQ, GGUF), an estimate: bits / 8 per element plus
+# one scale and one zero point per group (`Precision.options["group_size"]`, else one per output row),
+# each SCALE_BYTES wide.
+SCALE_BYTES = 2
 
 # --- activations the measurement makes --------------------------------------------------------
 # The quality pass compares reference and candidate logits chunk by chunk (harness/quality.py):
@@ -42,8 +46,8 @@ QUALITY_BYTES_PER_LOGIT = 4 + 8 + 8 + 8
 PREFILL_LOGIT_BYTES = 4  # fp32 logits of the last prompt position (prefill keeps 1 position)
 
 # --- load transient: extra host memory that from_pretrained holds during the load --------------
-# Rule: LOAD_TRANSIENT_LARGEST_TENSOR[precision] x the largest tensor at the checkpoint's dtype
-# (config.json's torch_dtype/dtype, float32 when absent); nothing when fp32/fp16/bf16 match it.
+# Rule: for a quantized precision, the largest tensor at the checkpoint's dtype (config.json's
+# torch_dtype/dtype, float32 when absent); nothing for float precisions.
 # Measured (CPU, transformers 5.24, bitsandbytes 0.50.2; peak RssAnon during from_pretrained
 # minus RssAnon before minus weight bytes; fresh process per load) on a 75.5M-param Llama (bf16
 # checkpoint 151 MB, largest tensor 25 MB; 3-4 runs each) and a Qwen2.5-0.5B-shaped model (bf16
@@ -55,10 +59,9 @@ PREFILL_LOGIT_BYTES = 4  # fp32 logits of the last prompt position (prefill keep
 #   With glibc's default (dynamic) mmap threshold, freed quantization temporaries stay in the
 #   heap in some runs: anon excess up to 0.9x (int8), 1.2x (nf4), 2.2x (fp4) the checkpoint
 #   size on the 75M model, up to 1.24x (fp4) on the 0.5B one, bimodal between runs: allocator
-#   retention, not memory the load needs (fix it in the worker with that environment variable).
-LOAD_TRANSIENT_LARGEST_TENSOR = {
-    "fp32": 0.0, "fp16": 0.0, "bf16": 0.0, "int8": 1.0, "nf4": 1.0, "nf4-dq": 1.0, "fp4": 1.0,
-}  # fmt: skip
+#   retention, not memory the load needs: every worker fixes the threshold (harness.worker).
+# Float precisions convert tensor by tensor (factor 0); every quantizer holds about one largest
+# tensor at the checkpoint dtype while it quantizes it (factor 1; measured for bitsandbytes).
 
 
 @dataclass(frozen=True)
@@ -221,13 +224,34 @@ class _Weights:
     kept: tuple[str, ...]
 
 
-def _count_weights(model: Any, precision: str, storage: str, compute: str, cpu_packed: bool) -> _Weights:
+def _is_bnb(precision: Precision, bits: int) -> bool:
+    return precision.family == "bitsandbytes" and precision.bits == bits
+
+
+def _generic_quantized_bytes(precision: Precision, numel: int, out_features: int) -> int:
+    group = precision.options.get("group_size") or max(numel // max(out_features, 1), 1)
+    return math.ceil(numel * precision.bits / 8) + math.ceil(numel / group) * 2 * SCALE_BYTES
+
+
+def _saved_precision(spec: Precision, config: dict) -> Precision:
+    """`as-saved` planned with the bits and group size its quantization_config states (4-bit if none)."""
+    from dataclasses import replace
+
+    saved = config.get("quantization_config") or {}
+    bits = saved.get("bits") or saved.get("nbits") or (8 if saved.get("load_in_8bit") else 4)
+    group = saved.get("group_size") or saved.get("q_group_size") or (64 if saved.get("load_in_4bit") else None)
+    return replace(spec, bits=float(bits), options={"group_size": group})
+
+
+def _count_weights(model: Any, spec: Precision, storage: str, compute: str, cpu_packed: bool) -> _Weights:
     """Bytes of every parameter, buffer and quant state after load and first forward."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    quantized = precision == "int8" or precision in BNB_4BIT
+    precision = spec.name
+    quantized = spec.quantized
+    int8 = _is_bnb(spec, 8)
     keep = _keys_to_not_convert(model) if quantized else []
     fp32_modules = _fp32_patterns(model, storage)
     owners: dict[int, tuple[str, Any, str]] = {}
@@ -254,12 +278,16 @@ def _count_weights(model: Any, precision: str, storage: str, compute: str, cpu_p
         if attr == "bias":
             # int8 keeps biases at the fp16 storage dtype; Linear4bit's forward casts its bias to
             # the compute dtype (bias.data = bias.data.to(x.dtype)) at the first forward.
-            total += numel * DTYPE_BYTES[storage if precision == "int8" else compute]
+            bnb4 = spec.family == "bitsandbytes" and not int8
+            total += numel * DTYPE_BYTES[compute if bnb4 else storage]
             continue
         layers += 1
         quantized_params += numel
-        if precision == "int8":
-            out_features = param.shape[1] if isinstance(module, Conv1D) else param.shape[0]
+        out_features = param.shape[1] if isinstance(module, Conv1D) else param.shape[0]
+        if spec.family != "bitsandbytes":
+            total += _generic_quantized_bytes(spec, numel, int(out_features))
+            continue
+        if int8:
             total += numel + out_features * BNB_INT8_SCALE_BYTES
             continue
         blocks = math.ceil(numel / BNB_4BIT_BLOCK)
@@ -326,11 +354,8 @@ def checkpoint_dtype(config: dict) -> str:
 
 
 def load_transient_bytes(precision: str, largest_numel: int, saved_dtype: str, storage_dtype: str) -> int:
-    """Extra host memory from_pretrained holds during the load, by the measured rule (see
-    LOAD_TRANSIENT_LARGEST_TENSOR): none when nothing is converted."""
-    factor = LOAD_TRANSIENT_LARGEST_TENSOR.get(precision, 1.0)
-    if saved_dtype == storage_dtype and precision in ("fp32", "fp16", "bf16"):
-        factor = 0.0
+    """Extra host memory from_pretrained holds during the load, by the measured rule above."""
+    factor = 1.0 if PRECISIONS[precision].quantized else 0.0
     return int(factor * largest_numel * DTYPE_BYTES[saved_dtype])
 
 
@@ -338,15 +363,17 @@ def _largest_numel(model: Any) -> int:
     return max((p.numel() for p in model.parameters()), default=0)
 
 
-def _notes(precision: str, storage: str, compute: str, counted: _Weights, cpu_packed: bool, config: dict) -> str:
+def _notes(spec: Precision, storage: str, compute: str, counted: _Weights, cpu_packed: bool, config: dict) -> str:
     notes = []
     if counted.quantized_layers:
-        scheme = "LLM.int8()" if precision == "int8" else f"4-bit {precision}"
+        scheme = spec.description
         kept = "".join(f", {name}" for name in counted.kept)
         notes.append(f"{counted.quantized_layers} Linear layers in {scheme}; embeddings, norms{kept} kept in {storage}")
         if cpu_packed:
             notes.append("CPU-packed 4-bit layout (bf16 absmax)")
-    elif precision == "int8" or precision in BNB_4BIT:
+        if spec.family != "bitsandbytes":
+            notes.append(f"estimate: {spec.bits:g} bits per weight + a scale and zero point per group")
+    elif spec.quantized:
         notes.append(f"no Linear layer to quantize: all weights in {storage}")
     if storage != compute:
         notes.append(f"computes in {compute}")
@@ -364,7 +391,6 @@ def plan_memory(
     prompt_tokens: int = 128,
     new_tokens: int = 64,
     logits_tokens: int = 256,
-    framework: str = "pytorch",
     device: str = "cpu",
 ) -> MemoryPlan:
     """Predict the memory of loading and measuring `config` at `precision`, without any weights.
@@ -381,7 +407,6 @@ def plan_memory(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         logits_tokens=logits_tokens,
-        framework=framework,
         device=device,
     )[0]
 
@@ -395,25 +420,31 @@ def plan_memories(
     prompt_tokens: int = 128,
     new_tokens: int = 64,
     logits_tokens: int = 256,
-    framework: str = "pytorch",
     device: str = "cpu",
 ) -> list[MemoryPlan]:
-    """`plan_memory` for several precisions of one model: one meta model per storage dtype."""
-    if framework != "pytorch":
-        return [
-            _plan_keras(config, p, fast_bf16, batch_size, prompt_tokens, new_tokens, logits_tokens) for p in precisions
-        ]
+    """`plan_memory` for several precisions of one model: one meta model per storage dtype.
+
+    Keras precisions follow KerasHub's rules; every other precision is planned on the PyTorch meta
+    model (a float precision is the same bytes in any framework)."""
     hf_config = _transformers_config(config)
     activations = activation_bytes(hf_config, config, batch_size, logits_tokens)
     models: dict[str, Any] = {}
     plans = []
     for precision in precisions:
-        storage, compute = torch_dtypes(precision, fast_bf16)
+        spec = PRECISIONS[precision]
+        if spec.family == "pre-quantized":
+            spec = _saved_precision(spec, config)
+        if spec.family == "keras":
+            plans.append(
+                _plan_keras(config, precision, fast_bf16, batch_size, prompt_tokens, new_tokens, logits_tokens)
+            )
+            continue
+        storage, compute = spec.torch_dtypes(fast_bf16)
         if storage not in models:
             models[storage] = _meta_model(hf_config, config, storage)
         model = models[storage]
-        cpu_packed = device == "cpu" and fast_bf16 and precision in BNB_4BIT
-        counted = _count_weights(model, precision, storage, compute, cpu_packed)
+        cpu_packed = device == "cpu" and fast_bf16 and _is_bnb(spec, 4)
+        counted = _count_weights(model, spec, storage, compute, cpu_packed)
         # Hidden states (and so the cache) stay in the storage dtype of the embeddings: 4-bit
         # layers that compute in fp32 return their input's dtype.
         kv = kv_cache_bytes(hf_config, config, prompt_tokens, new_tokens, batch_size, storage)
@@ -427,7 +458,7 @@ def plan_memories(
                 activation_bytes=activations,
                 load_transient_bytes=transient,
                 peak_bytes=counted.weight_bytes + kv + activations + transient,
-                notes=_notes(precision, storage, compute, counted, cpu_packed, config),
+                notes=_notes(spec, storage, compute, counted, cpu_packed, config),
                 param_count=counted.param_count,
             )
         )
@@ -443,14 +474,14 @@ def plan_memories(
 # each with a float scale and an int8 zero point (float for the reverse embedding), + a float32
 # g_idx per input row and kernel (not for the reverse embedding; GPT-2's fused c_attn is three
 # kernels in Keras). "Float" is the harness's Keras policy:
-# bfloat16 where bf16 is native, else float32 (harness/backends/tensorflow.py).
+# bfloat16 where bf16 is native, else float32 (harness/backends/keras_common.py).
 KERAS_FLOAT_POLICY_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 KERAS_INT4_GROUP = 128
 KERAS_POSITION_EMBEDDINGS = ("position", "wpe", "embed_positions")  # PositionEmbedding: not quantized
 
 
 def _keras_quantized_bytes(mode: str, numel: int, inputs: int, outputs: int, reverse: bool, float_bytes: int) -> int:
-    if mode == "keras-int8":
+    if mode == "int8":
         return numel + outputs * float_bytes
     groups = math.ceil(inputs / KERAS_INT4_GROUP)
     if reverse:
@@ -471,9 +502,10 @@ def _plan_keras(
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    quantized = precision in ("keras-int8", "keras-int4")
+    mode = PRECISIONS[precision].options.get("mode")
+    quantized = mode is not None
     if not quantized and precision not in KERAS_FLOAT_POLICY_BYTES:
-        raise ValueError(f"precision {precision} is not a TensorFlow precision")
+        raise ValueError(f"precision {precision} is not a Keras precision")
     float_bytes = (2 if fast_bf16 else 4) if quantized else KERAS_FLOAT_POLICY_BYTES[precision]
     hf_config = _transformers_config(config)
     model = _meta_model(hf_config, config, "float32")
@@ -492,13 +524,13 @@ def _plan_keras(
         if quantized and is_kernel:
             inputs, outputs = param.shape if isinstance(module, Conv1D) else (param.shape[1], param.shape[0])
             reverse = module is output_embeddings
-            total += _keras_quantized_bytes(precision, numel, int(inputs), int(outputs), reverse, float_bytes)
-            if precision == "keras-int4" and module_name.endswith("c_attn"):  # Keras: query, key, value
+            total += _keras_quantized_bytes(mode, numel, int(inputs), int(outputs), reverse, float_bytes)
+            if mode == "int4" and module_name.endswith("c_attn"):  # Keras: query, key, value
                 total += 2 * int(inputs) * 4
             quantized_params += numel
         elif quantized and isinstance(module, nn.Embedding) and not is_position:
             rows, dim = param.shape
-            total += _keras_quantized_bytes(precision, numel, int(dim), int(rows), False, float_bytes)
+            total += _keras_quantized_bytes(mode, numel, int(dim), int(rows), False, float_bytes)
             quantized_params += numel
         else:
             total += numel * float_bytes

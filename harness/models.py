@@ -27,6 +27,7 @@ class ModelSource:
     revision: str | None = None  # hub snapshot commit hash
     tokenizer: str | None = None  # tokenizer dir or hub id; None: the model has none (quality is null)
     architecture: str | None = None  # config.json's first architecture
+    quantization: str | None = None  # a pre-quantized checkpoint's method, bits and group size (config.json)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -71,6 +72,49 @@ def _is_decoder_only(model_type: str | None) -> bool:
         and model_type in MODEL_MAPPING_NAMES
         and model_type not in MASKED
     )
+
+
+def describe_quantization(config: dict) -> str | None:
+    """`method, N-bit, group G` of a pre-quantized checkpoint's quantization_config, or None.
+
+    Reads the keys transformers' configs write: quant_method; bits / nbits / weights ("int4");
+    load_in_4bit/8bit and bnb_4bit_quant_type; group_size / q_group_size; torchao's quant_type.
+    """
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return None
+    method = str(quantization.get("quant_method", "unknown"))
+    parts = [method]
+    bits = quantization.get("bits") or quantization.get("nbits")
+    if quantization.get("load_in_4bit"):
+        bits = 4
+        parts.append(str(quantization.get("bnb_4bit_quant_type", "")))
+    elif quantization.get("load_in_8bit"):
+        bits = 8
+    weights = quantization.get("weights")
+    if isinstance(weights, str):
+        parts.append(f"weights {weights}")
+    quant_type = quantization.get("quant_type")
+    if isinstance(quant_type, dict):
+        parts.append(", ".join(str(v.get("_type", v)) if isinstance(v, dict) else str(v) for v in quant_type.values()))
+    if bits:
+        parts.append(f"{bits}-bit")
+    group = quantization.get("group_size") or quantization.get("q_group_size")
+    if group:
+        parts.append(f"group {group}")
+    return ", ".join(p for p in parts if p)
+
+
+def precision_model_reason(precision_family: str, model: ModelSource) -> str | None:
+    """A pre-quantized checkpoint runs only as `as-saved`; `as-saved` needs a pre-quantized checkpoint."""
+    if precision_family == "pre-quantized" and model.quantization is None:
+        return f"{model.name} has no quantization_config in config.json: as-saved is for pre-quantized checkpoints"
+    if precision_family != "pre-quantized" and model.quantization is not None:
+        return (
+            f"{model.name} is already quantized ({model.quantization}): run it as --precisions as-saved, "
+            "with --reference-model DIR for its full-precision reference"
+        )
+    return None
 
 
 def unsupported_model_reason(model: ModelSource) -> str | None:
@@ -134,7 +178,7 @@ def _from_directory(
     tokenizer = tokenizer or (str(path) if has_tokenizer(path) else None)
     architectures = config.get("architectures") or [None]
     return ModelSource(name, str(path), model_kind_from_config(config), config.get("model_type"), True,
-                       revision, tokenizer, architectures[0])  # fmt: skip
+                       revision, tokenizer, architectures[0], describe_quantization(config))  # fmt: skip
 
 
 def hub_snapshot(repo_id: str) -> Path:

@@ -21,6 +21,7 @@ from harness.fixtures import (  # noqa: F401 - the fixtures are registered by be
     harness_record,
     harness_session,
 )
+from harness.registry import FRAMEWORKS, PRECISIONS
 
 BENCHMARK_MARK = "harness_benchmark"
 
@@ -29,13 +30,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "harness: model load/speed/quality matrix")
     group.addoption("--benchmark", action="store_true", help="run the measurement suites, not only compat")
     group.addoption("--models", help="comma list: zoo names, checkpoint dirs or hub ids")
-    group.addoption("--frameworks", help="comma list: pytorch, tensorflow")
-    group.addoption("--precisions", help="comma list: fp32,fp16,bf16,int8,nf4,nf4-dq,fp4,keras-int8,keras-int4")
+    group.addoption("--frameworks", help=f"comma list: {', '.join(FRAMEWORKS)}")
+    group.addoption("--precisions", help=f"comma list: {','.join(PRECISIONS)}")
     group.addoption("--devices", help="comma list: cpu, cuda, cuda:N, xla")
     group.addoption("--matrix", type=Path, help="TOML matrix file (axes, options, budgets, tolerances)")
     group.addoption("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
+    group.addoption(
+        "--reference-model", help="full-precision model that pre-quantized (as-saved) checkpoints are compared with"
+    )
     group.addoption("--available-memory", help="device memory the pre-flight plans against, e.g. 8GiB")
     group.addoption("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
+    group.addoption("--time-budget", type=float, help="seconds per timed phase before repeats stop (default 2)")
+    group.addoption("--no-cold", action="store_true", help="with --benchmark: skip the cold-load worker")
     group.addoption("--reports-dir", type=Path, help="where run dirs go (default: <rootdir>/reports)")
     group.addoption("--run-id", help="name of this run's dir (default: UTC timestamp)")
     group.addoption("--shard", metavar="I/N", help="run only shard I of N of the matrix (balanced by model size)")

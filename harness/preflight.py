@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from harness.matrix import DEFAULT_PRECISIONS, PRECISIONS, Capabilities, Combo
+from harness.matrix import Capabilities, Combo
+from harness.registry import DEFAULT_PRECISIONS
 from harness.units import GIB, human_bytes
 
 MARGIN_FRAC = 0.05  # of the available memory, kept free for allocator slack and the rest of the machine
@@ -33,27 +34,20 @@ class Fit:
 def plans_for(
     config: dict[str, Any], precisions: tuple[str, ...], fast_bf16: bool, options: Any, device: str
 ) -> dict[str, Any]:
-    """MemoryPlan per precision for one model and device (each framework's precisions planned together)."""
+    """MemoryPlan per precision for one model and device."""
     from harness.memplan import plan_memories
 
-    by_framework: dict[str, list[str]] = {}
-    for precision in dict.fromkeys(precisions):
-        framework = PRECISIONS[precision].framework
-        by_framework.setdefault("pytorch" if framework == "any" else framework, []).append(precision)
-    plans = {}
-    for framework, names in by_framework.items():
-        found = plan_memories(
-            config,
-            names,
-            fast_bf16=fast_bf16,
-            batch_size=max(options.batch_sizes),
-            prompt_tokens=max(options.prompt_lengths),
-            new_tokens=options.new_tokens,
-            framework=framework,
-            device=device,
-        )
-        plans.update(zip(names, found, strict=True))
-    return plans
+    names = tuple(dict.fromkeys(precisions))
+    found = plan_memories(
+        config,
+        names,
+        fast_bf16=fast_bf16,
+        batch_size=max(options.batch_sizes),
+        prompt_tokens=max(options.prompt_lengths),
+        new_tokens=options.new_tokens,
+        device=device,
+    )
+    return dict(zip(names, found, strict=True))
 
 
 def plan_fields(job: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from harness.matrix import combo_id
 from harness.units import MIB as MB
 
 
@@ -23,14 +24,14 @@ def markdown(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def combo_id(record: dict[str, Any]) -> str:
-    return f"{record['model']}-{record['framework']}-{record['precision']}-{record['device']}"
+def record_id(record: dict[str, Any]) -> str:
+    return combo_id(record["model"], record["framework"], record["precision"], record["device"])
 
 
 def summary_table(records: Iterable[dict[str, Any]]) -> str:
     """One row per combination: status, load, size, memory, speed and quality at a glance."""
     headers = [
-        "combination", "status", "load_s", "weight MB", "peak RSS MB", "device MB",
+        "combination", "status", "load_s", "weight MB", "peak memory MB", "device MB",
         "prefill tok/s", "decode tok/s", "encode seq/s", "kl_mean", "cosine", "note",
     ]  # fmt: skip
     rows = []
@@ -40,11 +41,11 @@ def summary_table(records: Iterable[dict[str, Any]]) -> str:
             note = f"{r['error_kind']}: {note}"
         rows.append(
             [
-                combo_id(r),
+                record_id(r),
                 r["status"],
                 _fmt(r.get("load_s"), digits=3),
                 _fmt(r.get("weight_bytes"), MB),
-                _fmt(r.get("peak_rss_bytes"), MB, 0),
+                _fmt(r.get("peak_memory_bytes") or r.get("peak_rss_bytes"), MB, 0),
                 _fmt(r.get("peak_device_allocated_bytes"), MB),
                 _fmt(r.get("prefill_tok_s"), digits=0),
                 _fmt(r.get("decode_tok_s"), digits=1),

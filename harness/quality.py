@@ -17,6 +17,8 @@ from harness.backends.base import Backend
 from harness.config import RunOptions
 from harness.corpus import eval_text
 
+EVAL_TOKENS_FLOOR = 512  # never fewer: 16 bootstrap blocks of 32 tokens, so the KL CI stays meaningful
+QUALITY_BUDGET_FACTOR = 15  # the quality forwards may take this many phase budgets (--time-budget)
 CHUNK_TOKENS = 256  # tokens per forward of the quality pass: its logits are CHUNK_TOKENS x vocab x 4 bytes
 COMPARE_BLOCK_TOKENS = 32  # rows per float64 block of the comparison
 BOOTSTRAP_RESAMPLES = 1000
@@ -132,6 +134,28 @@ def sentence_pairs(count: int) -> np.ndarray:
     neighbours = [(i, i + 1) for i in range(count - 1)]
     randoms = [(i, int(j)) for i, j in enumerate(rng.integers(0, count, count)) if i != j]
     return np.asarray(neighbours + randoms, dtype=np.int64)
+
+
+def scaled_eval_tokens(requested: int, forward_tok_s: float | None, budget_s: float) -> int:
+    """Eval tokens for a model whose forward runs at `forward_tok_s`: as many whole CHUNK_TOKENS chunks
+    as half that rate covers in `budget_s`, never more than `requested`, never fewer than
+    EVAL_TOKENS_FLOOR (or `requested`, if smaller).
+
+    Half the rate: the quality pass computes every position's logits and compares them in float64,
+    while the rate given (prefill_tok_s) is a prompt forward that keeps the last position's logits.
+    An unknown rate keeps `requested`.
+    """
+    if forward_tok_s is None or forward_tok_s <= 0 or requested <= EVAL_TOKENS_FLOOR:
+        return requested
+    affordable = int(forward_tok_s / 2 * budget_s) // CHUNK_TOKENS * CHUNK_TOKENS
+    return min(requested, max(EVAL_TOKENS_FLOOR, affordable))
+
+
+def quality_budget_s(options: RunOptions) -> float:
+    """Seconds the quality forwards may take: QUALITY_BUDGET_FACTOR x the per-phase --time-budget."""
+    from harness.repeats import DEFAULT_TIME_BUDGET_S
+
+    return QUALITY_BUDGET_FACTOR * getattr(options, "time_budget_s", DEFAULT_TIME_BUDGET_S)
 
 
 # --- producing outputs ------------------------------------------------------------------------
@@ -306,8 +330,48 @@ def compare_encoder(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
 
 
 def logits_path(reference_path: str) -> Path:
-    """The reference's logits live beside its .npz as a .npy that workers memory-map."""
+    """The reference's logits live beside its .npz as a .npy, written and read one chunk at a time."""
     return Path(reference_path).with_suffix(".logits.npy")
+
+
+class LogitsFile:
+    """A float32 [tokens, vocab] .npy, written and read chunk by chunk with plain file I/O.
+
+    Not a memory map: mapped pages count in the worker's RSS (file-backed) as they are touched, so a
+    mapped reference of 2,048 tokens x 151,936 vocab would add 1.2 GB to every worker's peak. Plain
+    reads leave them in the page cache, outside the process.
+    """
+
+    def __init__(self, path: Path, mode: str, shape: tuple[int, int] | None = None) -> None:
+        """mode "r": read an existing file; "w": create one of `shape`."""
+        if mode == "w" and shape is None:
+            raise ValueError("a new logits file needs its shape")
+        self.handle = open(path, "rb" if mode == "r" else "w+b")  # closed by close()
+        if mode == "w":
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_2_0(self.handle, header)
+            self.shape = shape
+        else:
+            version = np.lib.format.read_magic(self.handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            self.shape, _, dtype = read_header(self.handle)
+            if dtype != np.dtype("<f4"):
+                raise ValueError(f"{path}: reference logits must be float32, not {dtype}")
+        self.offset = self.handle.tell()
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count) as a new float32 array."""
+        self.handle.seek(self.offset + start * self.shape[1] * 4)
+        return np.fromfile(self.handle, dtype="<f4", count=count * self.shape[1]).reshape(count, self.shape[1])
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.handle.seek(self.offset + start * self.shape[1] * 4)
+        self.handle.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -318,21 +382,32 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def causal_quality(
-    backend: Backend, eval_ids: np.ndarray, options: RunOptions, reference_path: str | None, write_path: str | None
+    backend: Backend,
+    eval_ids: np.ndarray,
+    options: RunOptions,
+    reference_path: str | None,
+    write_path: str | None,
+    forward_tok_s: float | None = None,
 ) -> dict[str, Any]:
     """Stream the eval text chunk by chunk: write each chunk's logits (reference) and/or compare them.
 
     The reference's logits go to a memory-mapped .npy, so no worker ever holds [tokens, vocab].
+    Slow models compare fewer tokens (scaled_eval_tokens): the first chunks of the reference's,
+    so every precision is compared on a prefix of the same text. Greedy prompts always come from
+    the whole eval text, as the reference's did.
     """
-    chunks = eval_chunks(eval_ids)
+    all_chunks = eval_chunks(eval_ids)
+    tokens = scaled_eval_tokens(all_chunks.size, forward_tok_s, quality_budget_s(options))
+    chunks = all_chunks[: max(tokens // all_chunks.shape[1], 1)]
     writer = None
     reference_logits = None
     comparison = CausalComparison()
     if reference_path is not None and reference_path != write_path:
-        reference_logits = np.load(logits_path(reference_path), mmap_mode="r")
+        reference_logits = LogitsFile(logits_path(reference_path), "r")
         with np.load(reference_path) as data:
             reference_chunks = data["chunks"]
-        if reference_chunks.shape != chunks.shape or not (reference_chunks == chunks).all():
+        chunks = chunks[: len(reference_chunks)]
+        if reference_chunks.shape[1] != chunks.shape[1] or not (reference_chunks[: len(chunks)] == chunks).all():
             raise ValueError("the eval tokens differ from the reference's: both must use the same tokenizer and text")
     width = chunks.shape[1]
     for index, row in enumerate(chunks):
@@ -341,27 +416,25 @@ def causal_quality(
             if writer is None:
                 Path(write_path).parent.mkdir(parents=True, exist_ok=True)
                 tmp = logits_path(write_path).with_suffix(".tmp.npy")
-                writer = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.float32, shape=(chunks.size, logits.shape[-1])
-                )
-            writer[index * width : (index + 1) * width] = logits
+                writer = LogitsFile(tmp, "w", (chunks.size, logits.shape[-1]))
+            writer.write(index * width, logits)
         if reference_logits is not None:
-            comparison.add(reference_logits[index * width : (index + 1) * width], logits, row)
+            comparison.add(reference_logits.rows(index * width, width), logits, row)
         elif reference_path is not None:  # the reference compared with itself
             comparison.add(logits, logits, row)
         del logits
     greedy = greedy_outputs(backend, eval_ids, options)
+    if reference_logits is not None:
+        reference_logits.close()
     if writer is not None:
-        writer.flush()
-        tmp_name = writer.filename
-        del writer
-        Path(tmp_name).replace(logits_path(write_path))
+        writer.close()
+        logits_path(write_path).with_suffix(".tmp.npy").replace(logits_path(write_path))
         _atomic_savez(write_path, {"chunks": chunks, "greedy": greedy})
     if reference_path is None:
         return {}
     with np.load(reference_path) as data:
         reference_greedy = data["greedy"]
-    return comparison.result(reference_greedy, greedy)
+    return comparison.result(reference_greedy, greedy) | {"eval_tokens_requested": int(all_chunks.size)}
 
 
 def measure_quality(
@@ -372,10 +445,14 @@ def measure_quality(
     reference_path: str | None,
     write_reference_path: str | None,
     tokenizer_source: str | None = None,
+    forward_tok_s: float | None = None,
 ) -> dict[str, Any]:
-    """Produce this combination's outputs; write them as the reference or compare with it."""
+    """Produce this combination's outputs; write them as the reference or compare with it.
+
+    `forward_tok_s`: the model's measured forward rate, which scales the eval tokens (causal LMs).
+    """
     if kind == "causal-lm":
-        return causal_quality(backend, eval_ids, options, reference_path, write_reference_path)
+        return causal_quality(backend, eval_ids, options, reference_path, write_reference_path, forward_tok_s)
     tokenizer = load_tokenizer(tokenizer_source or backend.spec.source, options.trust_remote_code)
     outputs = encoder_outputs(backend, tokenizer, options)
     if write_reference_path:

@@ -18,19 +18,35 @@ from harness.environment import Environment, collect_environment
 from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
-from harness.models import ModelSource, materialize, resolve_model, unsupported_model_reason
+from harness.models import (
+    ModelSource,
+    materialize,
+    precision_model_reason,
+    resolve_model,
+    unsupported_model_reason,
+)
 from harness.quality import NO_TOKENIZER_REASON
 from harness.records import Record
+from harness.registry import (
+    FRAMEWORKS,
+    PRECISIONS,
+    REFERENCE_FRAMEWORK,
+    REFERENCE_ORDER,
+    load_object,
+    quantizer_preload,
+)
 from harness.storage import RunWriter
-from harness.throughput import median_iqr
+from harness.throughput import ci_rel_or_none, median_iqr
 from harness.trackers import NVML_NO_PID_REASON
-from harness.worker import WorkerJob
+from harness.worker import COLD_FIELDS, WorkerJob
 
-REFERENCE_ORDER = ("fp32", "bf16", "fp16")
 NOT_APPLICABLE = {
     "quantizer_import_s": "this precision imports no quantizer library beyond the framework",
     "device_init_s": "no CUDA context: the device is not a CUDA GPU",
     "quant_state_device": "not quantized: no quantization state",
+    "convert_s": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
+    "convert_recorded_s": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
+    "gguf_reused": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
 }
 
 
@@ -44,9 +60,11 @@ class Plan:
 
     @classmethod
     def create(cls, selection: Selection, options: RunOptions) -> Plan:
+        names = list(selection.models)
+        names += [r for r in (options.reference_model_for(m) for m in selection.models) if r and r not in names]
         models = {
             name: resolve_model(name, options.allow_pickle, options.trust_remote_code, options.tokenizer_for(name))
-            for name in selection.models
+            for name in names
         }
         return cls(selection, options, models)
 
@@ -55,10 +73,11 @@ class Plan:
 
 
 def reference_precision(combo: Combo, options: RunOptions, capabilities: Capabilities) -> str | None:
-    """--reference, else the highest precision PyTorch runs on this device (fp32, bf16, fp16)."""
+    """--reference, else the first of the registry's reference precisions (fp32, bf16, fp16) that the
+    reference framework (PyTorch) runs on this device."""
     candidates = (options.reference,) if options.reference else REFERENCE_ORDER
     for precision in candidates:
-        reference = Combo(combo.model, "pytorch", precision, combo.device)
+        reference = Combo(combo.model, REFERENCE_FRAMEWORK, precision, combo.device)
         if unsupported_reason(reference, capabilities) is None:
             return precision
     return None
@@ -73,14 +92,17 @@ def reference_first(combos: Iterable[Combo], options: RunOptions, capabilities: 
 
     def key(item: tuple[int, Combo]) -> tuple[int, int]:
         index, combo = item
-        is_ref = combo.framework == "pytorch" and combo.precision == reference_precision(combo, options, capabilities)
+        is_ref = combo.framework == REFERENCE_FRAMEWORK and combo.precision == reference_precision(
+            combo, options, capabilities
+        )
         return groups[(combo.model, combo.device)], 0 if is_ref else 1 + index
 
     return [c for _, c in sorted(enumerate(combos), key=key)]
 
 
 def _outcome(combo: Combo, status: str, **fields: Any) -> Record:
-    return Record(combo.model, combo.framework, combo.precision, combo.device, status, **fields)
+    family = PRECISIONS[combo.precision].family
+    return Record(combo.model, combo.framework, combo.precision, combo.device, status, family=family, **fields)
 
 
 def _safe_name(text: str) -> str:
@@ -97,7 +119,8 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.capabilities = Capabilities.detect(self.env)
-        self.launcher = Launcher(preload_bitsandbytes=not self.env.gpus)
+        preload = {} if self.env.gpus else quantizer_preload(self.plan.selection.precisions)
+        self.launcher = Launcher(extra_preload=preload)
         self._models: dict[str, ModelSource] = {}
         self._import_s: dict[str, float | None] = {}
         self._bandwidth: dict[str, float | None] = {}
@@ -130,7 +153,7 @@ class Runner:
     def bandwidth(self, device: str) -> float | None:
         """Device copy bandwidth, measured once per run in its own worker."""
         if device not in self._bandwidth:
-            probe = Combo("bandwidth", "pytorch", "fp32", device)
+            probe = Combo("bandwidth", REFERENCE_FRAMEWORK, "fp32", device)
             job = WorkerJob(combo=probe, model=ModelSource("bandwidth", "", None, None, True),
                             options=self.plan.options, mode="bandwidth", log_path=self._log_path(probe))  # fmt: skip
             result = self.launcher.run(job, self.plan.options.timeout_s)
@@ -147,7 +170,7 @@ class Runner:
         """
         key = (combo.model, combo.device)
         if key not in self._plans:
-            probe = Combo(combo.model, "pytorch", combo.precision, combo.device)
+            probe = Combo(combo.model, REFERENCE_FRAMEWORK, combo.precision, combo.device)
             job = self._job(probe, mode="plan", log_path=self._log_path(probe, "-plan"),
                             fast_bf16=self.capabilities.runs_bf16_well(combo.device),
                             plan_precisions=self.plan.selection.precisions)  # fmt: skip
@@ -155,20 +178,33 @@ class Runner:
             self._plans[key] = (result.fields["plans"], "") if result.ok else (None, result.error or "")
         return self._plans[key]
 
+    def reference_model(self, combo: Combo) -> tuple[str | None, str]:
+        """(the model whose reference precision `combo` is compared with, reason when there is none):
+        the model itself, or for a pre-quantized checkpoint its --reference-model."""
+        if self.model(combo.model).quantization is None:
+            return combo.model, ""
+        reference = self.plan.options.reference_model_for(combo.model)
+        if reference is None:
+            return None, "a pre-quantized checkpoint has no full-precision reference: give --reference-model DIR"
+        return reference, ""
+
     def reference_paths(self, combo: Combo) -> tuple[str | None, str | None, str]:
         """(reference to read, reference to write, reason when there is none)."""
         precision = self.reference_precision(combo)
         if precision is None or not self.plan.options.quality:
             return None, None, "no precision on this device can serve as the reference"
-        key = (combo.model, combo.device)
-        path = str(self.writer.path / "reference" / f"{_safe_name(combo.model)}-{combo.device}-{precision}.npz")
+        model, reason = self.reference_model(combo)
+        if model is None:
+            return None, None, reason
+        key = (model, combo.device)
+        path = str(self.writer.path / "reference" / f"{_safe_name(model)}-{combo.device}-{precision}.npz")
         if Path(path).exists():
             return path, None, ""
-        is_reference = combo.framework == "pytorch" and combo.precision == precision
+        is_reference = combo.framework == REFERENCE_FRAMEWORK and combo.precision == precision and model == combo.model
         if is_reference:
             return path, path, ""
         if key not in self._references:
-            reference = Combo(combo.model, "pytorch", precision, combo.device)
+            reference = Combo(model, REFERENCE_FRAMEWORK, precision, combo.device)
             job = self._job(reference, mode="full", write_reference_path=path,
                             log_path=self._log_path(reference, "-reference"))  # fmt: skip
             result = self.launcher.run(job, self.plan.options.timeout_s)
@@ -193,17 +229,16 @@ class Runner:
             model = self.model(combo.model)
         except Exception as exc:  # a zoo build that fails is this combination's failure
             return _outcome(combo, "failed", error_kind="error", error=one_line(exc))
-        reason = unsupported_model_reason(model)
+        reason = unsupported_model_reason(model) or precision_model_reason(PRECISIONS[combo.precision].family, model)
         if reason is not None:
             return _outcome(combo, "skipped", skip_reason=reason, model_source=model.source)
         predicted, plan_note = self._preflight(combo)
         if plan_note.startswith("skip:"):
             return _outcome(combo, "skipped", skip_reason=plan_note.removeprefix("skip:"), model_source=model.source,
                             **predicted)  # fmt: skip
-        if combo.framework == "tensorflow":
-            from harness.backends.keras_support import tensorflow_unsupported_reason
-
-            reason = tensorflow_unsupported_reason(model.model_type, model.kind)
+        model_support = FRAMEWORKS[combo.framework].model_support
+        if model_support is not None:
+            reason = load_object(model_support)(model.model_type, model.kind)
             if reason is not None:
                 return _outcome(combo, "skipped", skip_reason=reason)
         read_ref, write_ref, ref_reason = (None, None, "")
@@ -220,11 +255,19 @@ class Runner:
             log_path=self._log_path(combo),
         )
         main = self.launcher.run(job, options.timeout_s)
-        extra = [
-            self.launcher.run(self._job(combo, mode="load", log_path=self._log_path(combo)), options.timeout_s)
-            for _ in range(options.repeats - 1)
-        ] if main.ok else []  # fmt: skip
+        extra = self._load_repeats(combo, main)
         record = self._to_record(combo, model, main, extra)
+        if record.status == "ok" and options.cold:
+            cold_job = self._job(combo, mode="cold", log_path=self._log_path(combo, "-cold"))
+            cold = self.launcher.run(cold_job, options.timeout_s)
+            for name in COLD_FIELDS:
+                if cold.ok and cold.fields.get(name) is not None:
+                    setattr(record, name, cold.fields[name])
+                    record.na_reasons.pop(name, None)
+                elif not cold.ok:
+                    record.na_reasons[name] = f"cold-load worker failed: {cold.error}"
+                else:
+                    record.na_reasons[name] = "no checkpoint bytes or raw read to compare with"
         record.import_s = self.import_s(combo.framework)
         if record.import_s is None:
             record.na_reasons["import_s"] = f"the import probe of {combo.framework} failed in a fresh interpreter"
@@ -238,7 +281,37 @@ class Runner:
                 record.na_reasons.setdefault(name, reason)
         if read_ref is not None:
             record.reference_precision = self.reference_precision(combo)
+            record.reference_model = self.reference_model(combo)[0]
+        elif record.status == "ok":
+            record.na_reasons["reference_model"] = record.na_reasons.get("reference_precision", "no reference")
         return record
+
+    def _load_repeats(self, combo: Combo, main: WorkerResult) -> list[WorkerResult]:
+        """Fresh-worker loads after the main one. With --repeats 3 or more (the default is 3): until
+        load_s's median is stable (harness.repeats) or --time-budget is spent, at least --repeats
+        loads in all. Below 3, exactly --repeats loads: the user asked for fewer, at a known cost."""
+        from harness.repeats import MIN_SAMPLES, RepeatPolicy, stop_reason
+
+        if not main.ok:
+            return []
+        options = self.plan.options
+        if options.repeats < MIN_SAMPLES:
+            job = self._job(combo, mode="load", log_path=self._log_path(combo))
+            return [self.launcher.run(job, options.timeout_s) for _ in range(options.repeats - 1)]
+        policy = RepeatPolicy(options.target_ci_rel, options.time_budget_s, options.repeats, 0.0, 10 * options.repeats)
+        extra: list[WorkerResult] = []
+        samples, spent = [main.fields["load_s"]], main.fields["load_s"]
+        while stop_reason(samples, spent, policy) is None:
+            job = self._job(combo, mode="load", log_path=self._log_path(combo))
+            result = self.launcher.run(job, options.timeout_s)
+            extra.append(result)
+            if not result.ok:
+                break
+            samples.append(result.fields["load_s"])
+            spent += result.fields["load_s"]
+        if stop_reason(samples, spent, policy) in ("budget", "max"):
+            main.fields.setdefault("budget_limited", []).insert(0, "load")
+        return extra
 
     def _preflight(self, combo: Combo) -> tuple[dict[str, int | None], str]:
         """(predicted fields, note): the note is `skip:<reason>` when the plan does not fit, else why
@@ -260,7 +333,8 @@ class Runner:
 
     @staticmethod
     def _to_record(combo: Combo, model: ModelSource, main: WorkerResult, extra: list[WorkerResult]) -> Record:
-        identity = dict(model_source=model.source, model_revision=model.revision, tokenizer_source=model.tokenizer)
+        identity = dict(model_source=model.source, model_revision=model.revision, tokenizer_source=model.tokenizer,
+                        quantization=model.quantization)  # fmt: skip
         if not main.ok:
             return _outcome(combo, "failed", error_kind=main.error_kind, error=main.error, model_kind=model.kind,
                             worker_wall_s=main.wall_s, **identity)  # fmt: skip
@@ -271,7 +345,14 @@ class Runner:
         if failed:
             reasons["load_s_samples"] = f"{len(failed)} repeat(s) failed: {failed[0].error}"
         load_s, load_iqr = median_iqr(samples)
-        fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples)
+        fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples, load_s_ci_rel=ci_rel_or_none(samples))
+        reasons.pop("load_s_ci_rel", None)
+        if fields["load_s_ci_rel"] is None:
+            reasons["load_s_ci_rel"] = "a single load: no CI"
+        contended_repeats = [r for r in extra if r.ok and r.fields.get("contended")]
+        if contended_repeats and not fields.get("contended"):
+            fields["contended"] = True
+            fields["contention"] = "during a load repeat: " + contended_repeats[0].fields["contention"]
         if "load_bandwidth_bytes_s" in fields and fields.get("checkpoint_bytes"):
             fields["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / load_s
         record = _outcome(combo, "ok", worker_wall_s=main.wall_s, worker_start_s=main.start_s, na_reasons=reasons,
@@ -290,15 +371,16 @@ class Runner:
             for name in device_fields:
                 record.na_reasons[name] = "xla: torch_xla does not report per-process device memory here"
         else:
-            if record.framework == "tensorflow" and record.peak_device_reserved_bytes is None:
-                record.na_reasons["peak_device_reserved_bytes"] = (
-                    "TensorFlow does not report its allocator's reserved pool"
-                )
+            for name, reason in FRAMEWORKS[record.framework].null_field_reasons.items():
+                if getattr(record, name) is None:
+                    record.na_reasons[name] = reason
             if record.device_process_bytes is None:
                 record.na_reasons["device_process_bytes"] = NVML_NO_PID_REASON
-        for name in ("quantizer_import_s", "device_init_s", "quant_state_device"):
+        for name in NOT_APPLICABLE:
             if getattr(record, name) is None:
                 record.na_reasons.setdefault(name, NOT_APPLICABLE[name])
+        if record.quantization is None:
+            record.na_reasons["quantization"] = "not a pre-quantized checkpoint: the harness quantized it at load"
         if record.model_revision is None:
             record.na_reasons["model_revision"] = "a local directory, not a hub snapshot"
         if record.tokenizer_source is None:

@@ -1,4 +1,5 @@
-"""Prefill, decode and encode throughput: warm up, repeat, keep the raw samples, report median and IQR."""
+"""Prefill, decode and encode throughput: warm up, repeat until the median is stable or the phase's
+time budget is spent (harness.repeats), keep the raw samples, report median, IQR and CI."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 
 from harness.backends.base import Backend
 from harness.config import RunOptions
+from harness.repeats import RepeatOutcome, RepeatPolicy, median_ci_rel, policy_for, repeat_until
+from harness.trackers import PhaseMeter, PhaseResult
 
-MAX_REPEAT_FACTOR = 10  # never more than 10x the asked repeats, whatever min_timing_s says
+MAX_REPEAT_FACTOR = 10  # never more than 10x the asked repeats, whatever min_timing_s or the CI target say
 
 
 def median_iqr(samples: list[float]) -> tuple[float, float]:
@@ -23,22 +26,39 @@ def median_iqr(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), q3 - q1
 
 
-def timed_samples(run: Callable[[], Any], synchronize: Callable[[], None], options: RunOptions) -> list[float]:
-    """Seconds per call: `warmup` untimed calls, then at least `timing_repeats` timed ones,
-    extended until they add up to `min_timing_s` (capped at 10x the repeats)."""
+def ci_rel_or_none(values: list[float]) -> float | None:
+    """median_ci_rel, None where it is undefined (fewer than 2 samples)."""
+    ci = median_ci_rel(values)
+    return None if ci == float("inf") else ci
+
+
+def repeat_policy(options: RunOptions) -> RepeatPolicy:
+    """The options' stopping rule, capped at MAX_REPEAT_FACTOR x timing_repeats samples."""
+    policy = policy_for(options)
+    cap = max(options.timing_repeats * MAX_REPEAT_FACTOR, policy.min_samples)
+    return RepeatPolicy(policy.target_ci_rel, policy.budget_s, policy.min_samples, policy.min_time_s, cap)
+
+
+def timed_repeats(run: Callable[[], Any], synchronize: Callable[[], None], options: RunOptions) -> RepeatOutcome:
+    """Seconds per call: `warmup` untimed calls, then timed ones until harness.repeats says stop."""
     for _ in range(options.warmup):
         run()
     synchronize()
-    samples: list[float] = []
-    while len(samples) < options.timing_repeats or (
-        sum(samples) < options.min_timing_s and len(samples) < options.timing_repeats * MAX_REPEAT_FACTOR
-    ):
+
+    def one() -> tuple[float, float]:
         synchronize()
         start = time.perf_counter()
         run()
         synchronize()
-        samples.append(time.perf_counter() - start)
-    return samples
+        elapsed = time.perf_counter() - start
+        return elapsed, elapsed
+
+    return repeat_until(one, repeat_policy(options))
+
+
+def timed_samples(run: Callable[[], Any], synchronize: Callable[[], None], options: RunOptions) -> list[float]:
+    """The seconds of `timed_repeats`."""
+    return timed_repeats(run, synchronize, options).values
 
 
 def prompt_batch(eval_ids: np.ndarray, prompt_length: int, batch_size: int) -> np.ndarray:
@@ -50,19 +70,21 @@ def prompt_batch(eval_ids: np.ndarray, prompt_length: int, batch_size: int) -> n
 
 def measure_prefill(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
     """Tokens per second of one forward over the prompt (as generate's prefill runs it)."""
-    samples = timed_samples(lambda: backend.prefill(ids), backend.synchronize, options)
-    rates = [ids.size / s for s in samples]
+    outcome = timed_repeats(lambda: backend.prefill(ids), backend.synchronize, options)
+    rates = [ids.size / s for s in outcome.values]
     median, iqr = median_iqr(rates)
-    return {"prefill_tok_s": median, "prefill_tok_s_iqr": iqr, "prefill_tok_s_samples": rates}
+    return {"prefill_tok_s": median, "prefill_tok_s_iqr": iqr, "prefill_tok_s_samples": rates,
+            "prefill_tok_s_ci_rel": ci_rel_or_none(rates), "budget_limited": ["prefill"] * outcome.budget_limited}  # fmt: skip
 
 
 def measure_encode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
     """Sequences per second of an encoder forward."""
     mask = np.ones_like(ids)
-    samples = timed_samples(lambda: backend.embed(ids, mask), backend.synchronize, options)
-    rates = [ids.shape[0] / s for s in samples]
+    outcome = timed_repeats(lambda: backend.embed(ids, mask), backend.synchronize, options)
+    rates = [ids.shape[0] / s for s in outcome.values]
     median, iqr = median_iqr(rates)
-    return {"encode_samples_s": median, "encode_samples_s_iqr": iqr, "encode_samples_s_samples": rates}
+    return {"encode_samples_s": median, "encode_samples_s_iqr": iqr, "encode_samples_s_samples": rates,
+            "encode_samples_s_ci_rel": ci_rel_or_none(rates), "budget_limited": ["encode"] * outcome.budget_limited}  # fmt: skip
 
 
 def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
@@ -95,22 +117,26 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
 
     for _ in range(options.warmup):
         one_generate()
-    total_s = 0.0
     token_times: list[float] = []
-    while len(decode_rates) < options.timing_repeats or (
-        total_s < options.min_timing_s and len(decode_rates) < options.timing_repeats * MAX_REPEAT_FACTOR
-    ):
+
+    def one() -> tuple[float, float]:
+        """One timed generate; its value is the generate's seconds (the rate's CI is reported)."""
+        nonlocal token_times
         elapsed, token_times = one_generate()
-        total_s += elapsed
         ttfts.append(token_times[0])
         latencies.extend(np.diff(token_times).tolist())
         decode_rates.append(batch * (steps - 1) / (token_times[-1] - token_times[0]) if steps > 1 else float("nan"))
         generate_rates.append(batch * steps / elapsed)
+        return elapsed, elapsed
+
+    outcome = repeat_until(one, repeat_policy(options))
     median, iqr = median_iqr(decode_rates)
     return {
         "decode_tok_s": median,
         "decode_tok_s_iqr": iqr,
         "decode_tok_s_samples": decode_rates,
+        "decode_tok_s_ci_rel": ci_rel_or_none(decode_rates) if steps > 1 else None,
+        "budget_limited": ["decode"] * outcome.budget_limited,
         "decode_token_times_s": token_times,
         "generate_tok_s": statistics.median(generate_rates),
         "ttft_s": statistics.median(ttfts),
@@ -121,8 +147,15 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
     }
 
 
-def measure_throughput(backend: Backend, kind: str, eval_ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
-    """Every (prompt length, batch size) point; the first is the record's main fields, the rest `sweep`."""
+def measure_throughput(
+    backend: Backend, kind: str, eval_ids: np.ndarray, options: RunOptions, phases: list[PhaseResult] | None = None
+) -> dict[str, Any]:
+    """Every (prompt length, batch size) point; the first is the record's main fields, the rest `sweep`.
+
+    Each point's prefill, decode (causal LMs) or encode runs inside a PhaseMeter; the main point's
+    phase results are appended to `phases` (memory and contention fields), the sweep points carry
+    their own `peak_rss_<phase>_bytes`.
+    """
     points: list[dict[str, Any]] = []
     max_positions = backend.max_positions()
     for prompt_length in options.prompt_lengths:
@@ -134,11 +167,18 @@ def measure_throughput(backend: Backend, kind: str, eval_ids: np.ndarray, option
                 points.append(point)
                 continue
             ids = prompt_batch(eval_ids, prompt_length, batch_size)
-            if kind == "causal-lm":
-                point.update(measure_prefill(backend, ids, options))
-                point.update(measure_decode(backend, ids, options))
-            else:
-                point.update(measure_encode(backend, ids, options))
+            steps = (("prefill", measure_prefill), ("decode", measure_decode)) if kind == "causal-lm" else (
+                ("encode", measure_encode),)  # fmt: skip
+            limited: list[str] = []
+            for name, measure in steps:
+                with PhaseMeter(name, backend, timed=True) as meter:
+                    result = measure(backend, ids, options)
+                limited += result.pop("budget_limited")
+                point.update(result)
+                point[f"peak_rss_{name}_bytes"] = meter.result.host.peak_rss_bytes
+                if phases is not None and not points:
+                    phases.append(meter.result)
+            point["budget_limited"] = limited
             points.append(point)
     main, rest = points[0], points[1:]
     if "skip_reason" in main:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSize")
 
@@ -45,10 +46,16 @@ class HostMemory:
     sampled_peak_rss_bytes: int = 0  # max of the samples (a cross-check: <= peak_rss_bytes)
     peak_rss_anon_bytes: int = 0
     after: dict[str, int] | None = None
+    hwm_reset: bool = False  # VmHWM was reset at the start (else peak_rss_bytes is sampled only)
 
 
 class HostMemoryTracker:
-    """Samples RssAnon every `interval_s` and reads the kernel's peak at exit."""
+    """Samples RssAnon every `interval_s` and reads the kernel's peak at exit.
+
+    VmHWM is reset on entry by writing 5 to /proc/self/clear_refs (Linux >= 4.0; checked on this
+    project's kernels). Where the reset is refused, `hwm_reset` is False and the peak is the
+    sampled one only (VmHWM would still hold an earlier phase's peak).
+    """
 
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
@@ -65,7 +72,7 @@ class HostMemoryTracker:
                 return
 
     def __enter__(self) -> HostMemoryTracker:
-        reset_peak_rss()
+        self.result.hwm_reset = reset_peak_rss()
         self.result.before_bytes = proc_status()["VmRSS"]
         self._thread.start()
         return self
@@ -75,8 +82,53 @@ class HostMemoryTracker:
         self._thread.join()
         status = proc_status()
         self.result.peak_rss_anon_bytes = max(self.result.peak_rss_anon_bytes, status["RssAnon"])
-        self.result.peak_rss_bytes = max(status["VmHWM"], self.result.sampled_peak_rss_bytes)
+        hwm = status["VmHWM"] if self.result.hwm_reset else 0
+        self.result.peak_rss_bytes = max(hwm, self.result.sampled_peak_rss_bytes, status["VmRSS"])
         self.result.after = status
+
+
+@dataclass
+class PhaseResult:
+    """One phase of a worker: host memory, the device allocator's peak, and the machine's load."""
+
+    name: str
+    host: HostMemory
+    device_peak_bytes: int | None = None  # allocator peak over the phase (CUDA/TF GPU), None on the host
+    load: Any = None  # harness.contention.PhaseLoad, for timed phases
+
+
+class PhaseMeter:
+    """Context manager over one named phase: resets and reads the RSS high-water mark, the device
+    allocator's peak (through `backend`), and, for timed phases, the CPU others took meanwhile.
+
+    Timed phases sample RssAnon every 20 ms (the sampler holds the GIL briefly; VmHWM is exact anyway).
+    """
+
+    def __init__(self, name: str, backend: Any = None, timed: bool = False) -> None:
+        from harness.contention import ContentionMonitor
+
+        self.backend = backend
+        self.memory = HostMemoryTracker(interval_s=0.02 if timed else 0.005)
+        self.monitor = ContentionMonitor(name) if timed else None
+        self.result = PhaseResult(name, self.memory.result)
+
+    def __enter__(self) -> PhaseMeter:
+        reset = getattr(self.backend, "reset_device_peaks", None)
+        if reset is not None:
+            reset()
+        self.memory.__enter__()
+        if self.monitor is not None:
+            self.monitor.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.monitor is not None:
+            self.monitor.__exit__(*exc)
+            self.result.load = self.monitor.result
+        self.memory.__exit__(*exc)
+        device_memory = getattr(self.backend, "device_memory", None)
+        if device_memory is not None:
+            self.result.device_peak_bytes = device_memory().get("peak_device_allocated_bytes")
 
 
 class Timer:

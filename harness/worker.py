@@ -6,6 +6,7 @@ worker that never answers (timeout, signal) into a failure record itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -18,7 +19,10 @@ from harness.config import RunOptions
 from harness.errors import one_line
 from harness.matrix import Combo
 from harness.models import ModelSource
+from harness.registry import FRAMEWORKS
+from harness.units import MIB
 
+COLD_FIELDS = ("load_cold_s", "page_cache_resident_frac_before", "raw_read_bytes_s", "load_cold_bandwidth_frac")
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 
 
@@ -29,7 +33,8 @@ class WorkerJob:
     combo: Combo
     model: ModelSource
     options: RunOptions
-    mode: str = "full"  # full: every measurement; load: load timing only; bandwidth: device copy; plan: memory plan
+    mode: str = "full"  # full: every measurement; load: load timing only; cold: a load after dropping the
+    # checkpoint's pages (with a raw cold read beside it); bandwidth: device copy; plan: memory plan
     reference_path: str | None = None  # quality: the reference outputs to compare with
     write_reference_path: str | None = None  # quality: write this worker's outputs as the reference
     reference_note: str = ""  # why there is no reference, when there is none
@@ -43,10 +48,30 @@ def classify(exc: BaseException) -> str:
     """oom for allocation failures on any device, else error."""
     if isinstance(exc, MemoryError):
         return "oom"
-    if type(exc).__name__ in ("OutOfMemoryError", "ResourceExhaustedError"):
+    if any(type(exc).__name__ in framework.oom_exceptions for framework in FRAMEWORKS.values()):
         return "oom"
     text = str(exc).lower()
     return "oom" if any(marker in text for marker in OOM_MARKERS) else "error"
+
+
+# glibc's malloc raises its mmap threshold as large blocks are freed, so a quantizer's freed
+# temporaries (one checkpoint tensor each) stay in the heap: anonymous RSS 0.9-2.2x the checkpoint
+# above what the load needs, bimodal between runs (measured, harness/memplan.py). A fixed 1 MiB
+# threshold returns large blocks to the OS when freed, so peaks measure the model, not the allocator.
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _fixed_mmap_threshold() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 1 MiB) in this worker (the same as MALLOC_MMAP_THRESHOLD_=1048576); a
+    no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and "musl" not in name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _redirect_output(log_path: str | None) -> None:
@@ -85,6 +110,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
         device=job.combo.device,
         allow_pickle=job.options.allow_pickle,
         trust_remote_code=job.options.trust_remote_code,
+        tokenizer=job.model.tokenizer,
     )
     if job.mode == "plan":
         from harness.preflight import plan_fields
@@ -98,13 +124,56 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
     backend = backend_for(job.combo.framework, spec)
     if job.options.memory_limit_bytes:
         backend.limit_device_memory(job.options.memory_limit_bytes)
+    if job.mode == "cold":
+        return cold_load_fields(backend, spec.kind, eval_ids)
     fields = measure_load(backend, spec.kind, eval_ids)
     fields["worker_pid"] = os.getpid()
     if job.mode == "full":
         from harness.measure import measure_after_load
 
-        fields.update(measure_after_load(backend, job, eval_ids, fields, tokenizer_note))
+        after = measure_after_load(backend, job, eval_ids, fields, tokenizer_note)
+        after["na_reasons"] = {**fields.pop("na_reasons", {}), **after.get("na_reasons", {})}
+        fields.update(after)
+        reasons = fields["na_reasons"]
+        for name in COLD_FIELDS:
+            fields.setdefault(name, None)
+            reasons.setdefault(name, "no cold load in this run (--no-cold, or the worker failed)")
+        fields.setdefault("load_s_ci_rel", None)
+        reasons.setdefault("load_s_ci_rel", "the runner computes it over the load repeats")
+    fields.pop("_phases", None)
     return fields
+
+
+def cold_load_fields(backend: Any, kind: str, eval_ids: Any) -> dict[str, Any]:
+    """A cold load: raw cold read of the weight files, drop their pages, check residency, load.
+
+    Returns load_cold_s, page_cache_resident_frac_before, raw_read_bytes_s, load_cold_bandwidth_frac.
+    """
+    from pathlib import Path
+
+    from harness.measure import measure_load
+    from harness.models import weight_files
+    from harness.pagecache import cold_read_bytes_s, drop_cached_pages, resident_fraction
+
+    files = [Path(f) for f in weight_files(backend.spec.source, backend.spec.allow_pickle)]
+    read_bytes, read_s = cold_read_bytes_s(files)
+    residency: list[float] = []
+
+    def drop() -> None:
+        drop_cached_pages(files)
+        residency.append(resident_fraction(files))
+
+    fields = measure_load(backend, kind, eval_ids, before_load=drop)
+    fields.pop("_phases")
+    raw_rate = read_bytes / read_s if read_s > 0 else None
+    load_cold_s = fields["load_s"]
+    checkpoint = fields.get("checkpoint_bytes")
+    return {
+        "load_cold_s": load_cold_s,
+        "page_cache_resident_frac_before": residency[0],
+        "raw_read_bytes_s": raw_rate,
+        "load_cold_bandwidth_frac": checkpoint / load_cold_s / raw_rate if checkpoint and raw_rate else None,
+    }
 
 
 def _send(conn: Connection, message: dict[str, Any], started_at: float) -> None:
@@ -121,6 +190,7 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     """Entry point of a worker process."""
     started_at = time.time()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash should end fast, not dump GBs
+    _fixed_mmap_threshold()
     _redirect_output(job.log_path)
     _quiet_libraries()
     watchdog = None
@@ -129,8 +199,8 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
 
         def breach(rss: int, ceiling: int) -> None:
             error = (
-                f"resident memory {rss / 2**20:.0f} MiB passed --memory-limit "
-                f"({ceiling / 2**20:.0f} MiB = baseline + {job.options.memory_limit_bytes / 2**20:.0f} MiB)"
+                f"resident memory {rss / MIB:.0f} MiB passed --memory-limit "
+                f"({ceiling / MIB:.0f} MiB = baseline + {job.options.memory_limit_bytes / MIB:.0f} MiB)"
             )
             print(f"harness: {error}", file=sys.stderr)
             _send(conn, {"ok": False, "error_kind": "oom", "error": error}, started_at)

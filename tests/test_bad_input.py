@@ -19,6 +19,7 @@ FAST_RUN = [
     "1",
     "--no-throughput",
     "--no-quality",
+    "--no-cold",
     "--devices",
     "cpu",
     "--precisions",

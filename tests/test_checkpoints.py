@@ -115,7 +115,7 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path: Path) -> None:
     snapshot = _hub_cache(cache, "harness-test/tiny-llama", ensure_built("tiny-llama"), revision)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}
     done = _harness(["run", "--models", "harness-test/tiny-llama", "--precisions", "fp32", "--devices", "cpu",
-                     "--no-throughput", "--no-quality", "--repeats", "1", "--no-report", "--out", "runs"],
+                     "--no-throughput", "--no-quality", "--no-cold", "--repeats", "1", "--no-report", "--out", "runs"],
                     env, tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (line,) = (tmp_path / "runs" / "latest" / "results.jsonl").read_text().splitlines()

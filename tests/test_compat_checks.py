@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import by_precision, run_matrix
-from harness.checks import DEFAULT_TOLERANCES, agreement_problems
+from harness.checks import agreement_problems, default_tolerance
 from harness.zoo import ensure_built
 
 pytestmark = pytest.mark.slow
@@ -84,7 +84,7 @@ def test_the_default_tolerances_catch_what_the_broken_quantizer_does(tmp_path: P
     records = by_precision(run_matrix(tmp_path / "b", (str(broken),), ("fp32", "nf4"), **options), str(broken))
     healthy = by_precision(run_matrix(tmp_path / "h", ("tiny-llama-trained",), ("fp32", "nf4"), **options),
                            "tiny-llama-trained")  # fmt: skip
-    limit = DEFAULT_TOLERANCES["kl_mean"]["nf4"]
+    limit = default_tolerance("kl_mean", "nf4")
     assert healthy["nf4"]["kl_mean"] < limit < records["nf4"]["kl_mean"], (
         healthy["nf4"]["kl_mean"], limit, records["nf4"]["kl_mean"])  # fmt: skip
     assert agreement_problems(records["nf4"], {}) and not agreement_problems(healthy["nf4"], {})

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import by_precision
 from harness.environment import cpu_info, cpu_runs_bf16_well
-from harness.matrix import DEFAULT_PRECISIONS
 from harness.records import Record
+from harness.registry import DEFAULT_PRECISIONS
 from harness.zoo import DEFAULT_MODELS
 
 LOAD_FIELDS = (

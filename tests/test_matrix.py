@@ -49,14 +49,26 @@ def test_unknown_axis_values_name_the_fix(axis: str, value: str, message: str) -
     [
         (Combo("m", "pytorch", "fp32", "cuda"), caps(), "no CUDA GPU"),
         (Combo("m", "pytorch", "fp32", "cuda:1"), caps([H100]), "cuda:1 does not exist"),
-        (Combo("m", "pytorch", "int8", "cuda"), caps([V100]), "LLM.int8() needs compute capability >= 7.5"),
+        (Combo("m", "pytorch", "int8", "cuda"), caps([V100]), "int8 needs compute capability >= 7.5"),
         (Combo("m", "pytorch", "bf16", "cuda"), caps([V100]), "bf16 needs compute capability >= 8.0"),
-        (Combo("m", "pytorch", "nf4", "cpu"), caps(installed=EVERYTHING - {"bitsandbytes"}), "bitsandbytes is not"),
+        (
+            Combo("m", "pytorch", "nf4", "cpu"),
+            caps(installed=EVERYTHING - {"bitsandbytes"}),
+            "nf4 needs bitsandbytes: pip install 'harness[quant]'",
+        ),
         (Combo("m", "pytorch", "fp32", "cuda"), caps([H100], cuda=None), "CPU build"),
-        (Combo("m", "pytorch", "fp32", "xla"), caps(installed=EVERYTHING - {"torch_xla"}), "torch_xla is not"),
+        (
+            Combo("m", "pytorch", "fp32", "xla"),
+            caps(installed=EVERYTHING - {"torch_xla"}),
+            "xla devices need torch_xla",
+        ),
         (Combo("m", "pytorch", "nf4", "xla"), caps(), "bitsandbytes has no XLA backend"),
-        (Combo("m", "tensorflow", "nf4", "cpu"), caps(), "quantizes PyTorch modules only"),
-        (Combo("m", "pytorch", "keras-int8", "cpu"), caps(), "Keras's own quantization"),
+        (
+            Combo("m", "tensorflow", "nf4", "cpu"),
+            caps(),
+            "nf4 (bitsandbytes) runs on pytorch only; tensorflow offers keras-int8, keras-int4",
+        ),
+        (Combo("m", "pytorch", "keras-int8", "cpu"), caps(), "keras-int8 (keras) runs on tensorflow, jax only"),
         (Combo("m", "tensorflow", "fp32", "cpu"), caps(installed={"torch", "transformers"}), "pip install"),
     ],
 )

@@ -21,7 +21,6 @@ from harness.archs import (
 )
 from harness.environment import cpu_info, cpu_runs_bf16_well
 from harness.errors import UsageError
-from harness.matrix import DEFAULT_PRECISIONS
 from harness.memplan import (
     BNB_4BIT_BLOCK,
     BNB_4BIT_CODE_BYTES,
@@ -32,6 +31,7 @@ from harness.memplan import (
     plan_memory,
     read_config,
 )
+from harness.registry import DEFAULT_PRECISIONS
 from harness.zoo import DEFAULT_MODELS, ensure_built
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -135,9 +135,7 @@ def test_encoder_decoder_configs_are_planned_without_a_cache(arch: str) -> None:
 
 
 def test_tensorflow_plans_follow_keras_quantization() -> None:
-    int8, int4, fp32 = plan_memories(
-        config_of("gpt2"), ("keras-int8", "keras-int4", "fp32"), fast_bf16=False, framework="tensorflow"
-    )
+    int8, int4, fp32 = plan_memories(config_of("gpt2"), ("keras-int8", "keras-int4", "fp32"), fast_bf16=False)
     assert "Keras" in int8.notes
     assert fp32.weight_bytes == plans("gpt2")["fp32"].weight_bytes  # same tensors as PyTorch
     assert int4.weight_bytes < int8.weight_bytes < fp32.weight_bytes / 3
@@ -246,7 +244,8 @@ def test_keras_weight_bytes_match_real_tensorflow_loads(tmp_path: Path, arch_dir
 
     models, precisions = ("tiny-gpt2", str(arch_dirs["mistral"])), ("fp16", "keras-int8", "keras-int4")
     plan = Plan.create(
-        Selection(models, ("tensorflow",), precisions, ("cpu",)), RunOptions(throughput=False, quality=False, repeats=1)
+        Selection(models, ("tensorflow",), precisions, ("cpu",)),
+        RunOptions(throughput=False, quality=False, repeats=1, cold=False),
     )
     writer = RunWriter(tmp_path, collect_environment(), "keras")
     Runner(plan, writer).run(plan.combos())
@@ -254,9 +253,7 @@ def test_keras_weight_bytes_match_real_tensorflow_loads(tmp_path: Path, arch_dir
     assert len(records) == len(models) * len(precisions)
     for record in records:
         assert record["status"] == "ok", (record["model"], record["precision"], record.get("error"))
-        (predicted,) = plan_memories(
-            read_config(record["model"]), (record["precision"],), fast_bf16=fast_bf16_here(), framework="tensorflow"
-        )
+        (predicted,) = plan_memories(read_config(record["model"]), (record["precision"],), fast_bf16=fast_bf16_here())
         assert predicted.weight_bytes == pytest.approx(record["weight_bytes"], rel=WEIGHT_TOLERANCE / 10), record[
             "model"
         ]
@@ -265,32 +262,24 @@ def test_keras_weight_bytes_match_real_tensorflow_loads(tmp_path: Path, arch_dir
 def load_quantized(source: Path, precision: str, fast_bf16: bool) -> Any:
     """from_pretrained with the harness's bitsandbytes settings for a device with or without fast bf16."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from harness.matrix import torch_dtypes
+    from harness.quantizers import bnb
+    from harness.registry import PRECISIONS
 
-    storage, compute = (getattr(torch, name) for name in torch_dtypes(precision, fast_bf16))
-    if precision == "int8":
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="fp4" if precision == "fp4" else "nf4",
-            bnb_4bit_use_double_quant=precision == "nf4-dq",
-            bnb_4bit_compute_dtype=compute,
-        )
+    spec = PRECISIONS[precision]
+    storage, compute = (getattr(torch, name) for name in spec.torch_dtypes(fast_bf16))
+    quantization = bnb.quantization_config(spec, compute)
     return AutoModelForCausalLM.from_pretrained(
         source, dtype=storage, quantization_config=quantization, device_map="cpu"
     )
 
 
 def measured_weight_bytes(model: Any) -> int:
-    from harness.backends.base import LoadSpec
-    from harness.backends.pytorch import PyTorchBackend
+    """The harness's byte count of a loaded model (bitsandbytes layers counted with their states)."""
+    from harness.quantizers import bnb, count_weights
 
-    backend = PyTorchBackend(LoadSpec("unused", "causal-lm", "fp32", "cpu"))
-    backend.model = model
-    return backend.weight_stats().weight_bytes
+    return count_weights(model, bnb).weight_bytes
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_sweep_has_every_point_with_its_own_arithmetic(claims_run: tuple[Path, l
             assert point["ttft_s_samples"][-1] == times[0]
             assert point["decode_tok_s"] == statistics.median(point["decode_tok_s_samples"])
             assert point["prefill_tok_s"] == statistics.median(point["prefill_tok_s_samples"])
-            assert len(point["prefill_tok_s_samples"]) == 2 and all(r > 0 for r in point["prefill_tok_s_samples"])
+            assert len(point["prefill_tok_s_samples"]) >= 3 and all(r > 0 for r in point["prefill_tok_s_samples"])
 
 
 # --- --reference, --roundtrip, --eval-text -------------------------------------------------

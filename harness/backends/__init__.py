@@ -1,20 +1,17 @@
-"""Backends: how each framework loads and runs a model. One module per framework."""
+"""Backends: how each framework loads and runs a model. One module per framework, named in the registry."""
 
 from __future__ import annotations
 
+import os
+
 from harness.backends.base import Backend, LoadSpec, WeightStats
+from harness.registry import FRAMEWORKS, load_object
 
 __all__ = ["Backend", "LoadSpec", "WeightStats", "backend_for"]
 
 
 def backend_for(framework: str, spec: LoadSpec) -> Backend:
-    """The backend for `framework`; imports its stack only here, inside the worker."""
-    if framework == "pytorch":
-        from harness.backends.pytorch import PyTorchBackend
-
-        return PyTorchBackend(spec)
-    if framework == "tensorflow":
-        from harness.backends.tensorflow import TensorFlowBackend
-
-        return TensorFlowBackend(spec)
-    raise ValueError(f"no backend for framework {framework!r}")
+    """The registry's backend for `framework`; imports its stack only here, inside the worker."""
+    descriptor = FRAMEWORKS[framework]
+    os.environ.update(descriptor.env)  # e.g. KERAS_BACKEND, before the backend module imports Keras
+    return load_object(descriptor.backend)(spec)

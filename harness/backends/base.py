@@ -19,6 +19,7 @@ class LoadSpec:
     device: str
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    tokenizer: str | None = None  # tokenizer dir or hub id (backends that tokenize themselves check theirs against it)
 
 
 @dataclass

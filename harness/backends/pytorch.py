@@ -1,4 +1,5 @@
-"""PyTorch through transformers, with bitsandbytes for int8/nf4/nf4-dq/fp4.
+"""PyTorch through transformers; quantized precisions load through their registry family's
+`quantization_config` (harness/quantizers/<family>.py) and are counted by `count_weights`.
 
 Importing this module imports torch and transformers (and the modeling code of the zoo's
 architectures), so the launcher can preload it once in the forkserver.
@@ -17,8 +18,9 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from harness.backends.base import LoadSpec, WeightStats
-from harness.matrix import BNB_4BIT, torch_dtypes
 from harness.models import check_safetensors_files
+from harness.quantizers import count_weights
+from harness.registry import PRECISIONS, load_object
 
 for _arch in ("llama", "gpt2", "bert", "mistral", "qwen2"):
     with contextlib.suppress(ImportError):
@@ -30,14 +32,22 @@ def dtype_name(dtype: Any) -> str:
 
 
 def runs_bf16_well(device: torch.device) -> bool:
-    """bf16 is native on Ampere+ GPUs and on CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        from harness.environment import cpu_info, cpu_runs_bf16_well
+    """harness.environment.bf16_native for a torch device (its own compute capability on CUDA)."""
+    from harness.environment import bf16_native, cpu_info, cpu_runs_bf16_well
 
-        return cpu_runs_bf16_well(cpu_info()[1])
-    return True
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return bf16_native(device.type, capability, device.type == "cpu" and cpu_runs_bf16_well(cpu_info()[1]))
+
+
+def _without_grad(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a backend method under inference_mode, or no_grad where the precision needs it."""
+
+    def run(self: PyTorchBackend, *args: Any, **kwargs: Any) -> Any:
+        context = torch.inference_mode() if self.precision.inference_mode else torch.no_grad()
+        with context:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class _TokenClock(BaseStreamer):
@@ -58,12 +68,17 @@ class _TokenClock(BaseStreamer):
 
 
 class PyTorchBackend:
-    """Loads with from_pretrained and runs under torch.inference_mode."""
+    """Loads with from_pretrained and runs under torch.inference_mode (torch.no_grad for quantizers
+    whose tensors cannot be inference tensors: the registry's `Precision.inference_mode`)."""
 
     framework = "pytorch"
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
+        self.precision = PRECISIONS[spec.precision]
+        if "pytorch" not in self.precision.frameworks:
+            raise ValueError(f"precision {spec.precision} is not a PyTorch precision")
+        self.family: Any = None  # the precision's quantizer module, imported by prepare()
         self.device = self._torch_device(spec.device)
         self.model: Any = None
         self.storage_dtype: torch.dtype | None = None
@@ -82,17 +97,19 @@ class PyTorchBackend:
     # --- loading --------------------------------------------------------------------------
 
     def prepare(self) -> dict[str, float | None]:
-        """Pay, before load_s starts, what the load would otherwise include: the quantizer's import
-        (bitsandbytes is not preloaded where a GPU exists, since its import probes CUDA) and the CUDA
+        """Pay, before load_s starts, what the load would otherwise include: the quantizer packages'
+        import (not preloaded where a GPU exists, since their imports may probe CUDA) and the CUDA
         context. Returns quantizer_import_s and device_init_s (null where not applicable)."""
+        import importlib
         import time
 
         out: dict[str, float | None] = {"quantizer_import_s": None, "device_init_s": None}
-        if self.spec.precision in ("int8", *BNB_4BIT):
+        if self.precision.packages:
             start = time.perf_counter()
-            import bitsandbytes  # noqa: F401
-
+            for package in self.precision.packages:
+                importlib.import_module(package)
             out["quantizer_import_s"] = time.perf_counter() - start
+        self.family = load_object(self.precision.quantizer) if self.precision.quantizer else None
         if self.device.type == "cuda":
             start = time.perf_counter()
             torch.cuda.init()
@@ -102,28 +119,19 @@ class PyTorchBackend:
         return out
 
     def _load_kwargs(self) -> dict[str, Any]:
-        precision = self.spec.precision
         kwargs: dict[str, Any] = {
             "trust_remote_code": self.spec.trust_remote_code,
             "use_safetensors": None if self.spec.allow_pickle else True,
         }
         if self.device.type != "xla":
             kwargs["device_map"] = str(self.device)
-        storage, compute = torch_dtypes(precision, runs_bf16_well(self.device))
+        storage, compute = self.precision.torch_dtypes(runs_bf16_well(self.device))
         self.storage_dtype, self.compute_dtype = getattr(torch, storage), getattr(torch, compute)
-        if precision == "int8":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        elif precision in BNB_4BIT:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="fp4" if precision == "fp4" else "nf4",
-                bnb_4bit_use_double_quant=precision == "nf4-dq",
-                bnb_4bit_compute_dtype=self.compute_dtype,
-            )
+        if self.precision.quantizer and self.family is None:
+            self.family = load_object(self.precision.quantizer)
+        config = self.family.quantization_config(self.precision, self.compute_dtype) if self.family else None
+        if config is not None:  # None (as-saved): an explicit None would drop the checkpoint's own config
+            kwargs["quantization_config"] = config
         kwargs["dtype"] = self.storage_dtype
         return kwargs
 
@@ -134,6 +142,12 @@ class PyTorchBackend:
         if self.device.type == "xla":
             model = model.to(self.device)
         self.model = model.eval()
+        if self.precision.family == "pre-quantized":  # count bytes as the quantizer that saved it stores them
+            from harness.quantizers.saved import family_for
+
+            saved = getattr(model.config, "quantization_config", None)
+            method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
+            self.family = family_for(str(getattr(method, "value", method)))
         # Decided once here, not inside the timed prefill: generate's prefill keeps only the last logits.
         self.prefill_kwargs = {"use_cache": True}
         self.prefill_logits = "all"
@@ -153,56 +167,20 @@ class PyTorchBackend:
     # --- size -----------------------------------------------------------------------------
 
     def weight_stats(self) -> WeightStats:
-        """Every parameter, buffer and bitsandbytes quant state, each storage counted once."""
-        storages: dict[tuple[str, int], int] = {}
-        quant_storages: dict[tuple[str, int], int] = {}
-
-        def add(tensor: torch.Tensor | None, into: dict[tuple[str, int], int]) -> None:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                return
-            storage = tensor.untyped_storage()
-            key = (str(tensor.device), storage.data_ptr())
-            into[key] = max(into.get(key, 0), storage.nbytes())
-
-        for tensor in [*self.model.parameters(), *self.model.buffers()]:
-            add(tensor, storages)
-        total_params = quantized_params = quantized_modules = 0
-        for param in self.model.parameters():
-            quant_state = getattr(param, "quant_state", None)
-            total_params += quant_state.shape.numel() if quant_state is not None else param.numel()
-        for module in self.model.modules():
-            weight = getattr(module, "weight", None)
-            quant_state = getattr(weight, "quant_state", None)
-            # LLM.int8(): scales live on the weight until the first forward, then in module.state
-            int8_state = getattr(module, "state", None)
-            is_int8 = type(module).__name__ == "Linear8bitLt"
-            if quant_state is None and not is_int8:
-                continue
-            quantized_modules += 1
-            quantized_params += quant_state.shape.numel() if quant_state is not None else weight.numel()
-            for tensor in (
-                getattr(weight, "SCB", None),
-                getattr(int8_state, "SCB", None),
-                getattr(int8_state, "CB", None),
-            ):
-                add(tensor, quant_storages)
-            if quant_state is not None:
-                for state in (quant_state, getattr(quant_state, "state2", None)):
-                    for name in ("absmax", "code", "offset"):
-                        add(getattr(state, name, None), quant_storages)
-        quant_only = {k: v for k, v in quant_storages.items() if k not in storages}
-        quant_devices = sorted({device for device, _ in quant_storages})
+        """Every parameter, buffer and quantizer tensor, each storage counted once."""
+        counted = count_weights(self.model, self.family)
         embeddings = self.model.get_input_embeddings()
+        total = counted.param_count
         return WeightStats(
-            weight_bytes=sum(storages.values()) + sum(quant_only.values()),
-            param_count=total_params,
-            quant_state_bytes=sum(quant_only.values()),
-            quantized_modules=quantized_modules,
-            quantized_param_frac=quantized_params / total_params if total_params else 0.0,
+            weight_bytes=counted.weight_bytes,
+            param_count=total,
+            quant_state_bytes=counted.quant_state_bytes,
+            quantized_modules=counted.quantized_modules,
+            quantized_param_frac=counted.quantized_params / total if total else 0.0,
             storage_dtype=dtype_name(embeddings.weight.dtype) if embeddings is not None else None,
             compute_dtype=dtype_name(self.compute_dtype) if self.compute_dtype else None,
             architecture=type(self.model).__name__,
-            quant_state_device=",".join(quant_devices) if quant_devices else None,
+            quant_state_device=",".join(counted.quant_state_devices) or None,
         )
 
     # --- device memory --------------------------------------------------------------------
@@ -233,12 +211,12 @@ class PyTorchBackend:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    @torch.inference_mode()
+    @_without_grad
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         out = self.model(input_ids=self._tensor(input_ids), use_cache=False)
         return out.logits.float().cpu().numpy()
 
-    @torch.inference_mode()
+    @_without_grad
     def prefill(self, input_ids: np.ndarray) -> None:
         """One forward over the prompt that builds the KV cache, keeping only the last logits."""
         ids = self._tensor(input_ids)
@@ -251,7 +229,7 @@ class PyTorchBackend:
         config = self.model.config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    @torch.inference_mode()
+    @_without_grad
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         ids, mask = self._tensor(input_ids), self._tensor(attention_mask)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
@@ -259,7 +237,7 @@ class PyTorchBackend:
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return pooled.cpu().numpy()
 
-    @torch.inference_mode()
+    @_without_grad
     def generate(
         self, input_ids: np.ndarray, new_tokens: int, on_token: Callable[[], None] | None = None
     ) -> np.ndarray:
@@ -278,7 +256,7 @@ class PyTorchBackend:
         )
         return out[:, ids.shape[1] :].cpu().numpy()
 
-    @torch.inference_mode()
+    @_without_grad
     def roundtrip_max_abs_diff(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> float:
         """save_pretrained to a temp dir, from_pretrained back (quantization config included), compare."""
         import tempfile

@@ -11,19 +11,38 @@ from typing import Any
 import pandas as pd
 
 from harness.errors import UsageError
-from harness.records import SCHEMA_VERSION, Record
+from harness.records import METRICS, SCHEMA_VERSION, Metric, Record
+from harness.registry import family_of, precision_order
 from harness.storage import find_run_dirs, read_environment, read_records, results_file
 
 # A combination on one machine with one software stack: different stacks are never duplicates.
 KEY = ["model", "framework", "precision", "device", "hardware_id", "stack"]
 GROUP = ["model", "framework", "device", "hardware_id", "stack"]  # rows sharing one reference precision
-STACK_LIBRARIES = ("torch", "transformers", "bitsandbytes", "tensorflow", "tensorflow-cpu", "keras", "keras-hub")
+STACK_LIBRARIES = (
+    "torch", "transformers", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "tensorflow", "tensorflow-cpu",
+    "keras", "keras-hub", "jax", "llama-cpp-python",
+)  # fmt: skip
 LIST_COLUMNS = [f.name for f in fields(Record) if f.default_factory in (list, dict)]  # type: ignore[comparison-overlap]
+# Columns add_derived makes that act as metrics, declared like the Record's (harness.records.Metric)
+DERIVED_METRICS: dict[str, Metric] = {
+    "quality_loss": Metric("nats or 1-cosine", False, "quality", label="quality loss"),
+    "speed": Metric("tok/s or seq/s", True, "throughput", label="speed"),
+    "memory_bytes": Metric("bytes", False, "memory", label="peak memory MB"),
+}
+
+
+def metric_info(column: str) -> Metric:
+    """The declared unit and direction of a Record metric or a derived column."""
+    info = METRICS.get(column) or DERIVED_METRICS.get(column)
+    if info is None:
+        raise KeyError(f"{column!r} is not a declared metric (harness.records.METRICS or DERIVED_METRICS)")
+    return info
+
+
 REL_METRICS = (
-    "load_s", "weight_bytes", "peak_rss_bytes", "peak_device_allocated_bytes",
+    "load_s", "load_cold_s", "weight_bytes", "peak_rss_bytes", "peak_memory_bytes", "peak_device_allocated_bytes",
     "prefill_tok_s", "decode_tok_s", "encode_samples_s", "memory_bytes", "speed",
 )  # fmt: skip
-PRECISION_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "nf4", "nf4-dq", "fp4")
 
 
 def check_schema(file: Path) -> None:
@@ -151,9 +170,12 @@ def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
     frame["tolerance_loss"] = num("ppl_delta_frac").where(causal, (1 - num("embed_cosine_mean")).where(encoder))
     frame["speed"] = num("decode_tok_s").where(causal, num("encode_samples_s"))
     frame["speed_unit"] = pd.Series("decode tok/s", index=frame.index).where(causal, "encode seq/s")
-    frame["memory_bytes"] = num("peak_device_allocated_bytes").fillna(num("peak_rss_bytes"))
-    order = {p: i for i, p in enumerate(PRECISION_ORDER)}
-    frame["precision_rank"] = [order.get(p, len(order)) for p in frame["precision"]]
+    # the headline peak over every phase (records before it existed: device allocator, else host RSS)
+    frame["memory_bytes"] = (
+        num("peak_memory_bytes").fillna(num("peak_device_allocated_bytes")).fillna(num("peak_rss_bytes"))
+    )
+    frame["precision_rank"] = [precision_order(p) for p in frame["precision"]]
+    frame["family"] = [family_of(p) for p in frame["precision"]]
     for metric in REL_METRICS:
         frame[f"{metric}_rel"] = num(metric) / _reference_values(frame, metric)
     return frame.sort_values(["model", "hardware", "device", "framework", "precision_rank", "precision"]).reset_index(

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from harness.report.frame import metric_info
+
 FRONTIER_GROUP = ["model", "device", "hardware_id"]
-# frontier name -> objectives (column -> "min" or "max")
+# frontier name -> objectives (column -> "min" or "max", from each metric's declared direction)
 FRONTIERS: dict[str, dict[str, str]] = {
-    "memory": {"weight_bytes": "min", "quality_loss": "min"},
-    "speed": {"speed": "max", "quality_loss": "min"},
+    name: {column: metric_info(column).direction for column in axes}
+    for name, axes in {"memory": ("weight_bytes", "quality_loss"), "speed": ("speed", "quality_loss")}.items()
 }
 
 

@@ -45,18 +45,25 @@ def _point_label(row: pd.Series, several_frameworks: bool) -> str:
     return f"{row['framework']}/{row['precision']}" if several_frameworks else str(row["precision"])
 
 
-def plot_frontier(frame: pd.DataFrame, path: Path) -> Path | None:
-    """Weight MB against quality loss per model and device, the Pareto frontier as a line."""
+def frontier_figure(frame: pd.DataFrame) -> Figure | None:
+    """Weight MB against quality loss per model and device, each quantizer family its own marker,
+    the Pareto frontier as a line; None when no row has both."""
     ok = frame[(frame["status"] == "ok") & frame["quality_loss"].notna() & frame["weight_bytes"].notna()]
     panels = _panels(ok)
     if panels is None:
         return None
     fig, pairs = panels
+    markers = "osD^vP*Xh<>"
+    families = sorted(ok["family"].unique())
     for ax, group in pairs:
         several = group["framework"].nunique() > 1
-        ax.scatter(group["weight_bytes"] / MB, group["quality_loss"], color="tab:gray", zorder=2)
+        for index, family in enumerate(families):
+            points = group[group["family"] == family]
+            if not points.empty:
+                ax.scatter(points["weight_bytes"] / MB, points["quality_loss"], marker=markers[index % len(markers)],
+                           color=f"C{index}", zorder=2, label=family)  # fmt: skip
         front = frontier_points(group, "memory")
-        ax.plot(front["weight_bytes"] / MB, front["quality_loss"], "o-", color="tab:red", zorder=3, label="frontier")
+        ax.plot(front["weight_bytes"] / MB, front["quality_loss"], "-", color="tab:red", zorder=3, label="frontier")
         for _, row in group.iterrows():
             ax.annotate(_point_label(row, several), (row["weight_bytes"] / MB, row["quality_loss"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
@@ -65,6 +72,14 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> Path | None:
         ax.set_title(_title(group), fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_frontier(frame: pd.DataFrame, path: Path) -> Path | None:
+    """frontier_figure as a PNG at `path`."""
+    fig = frontier_figure(frame)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=90)
     return path
 

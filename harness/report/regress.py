@@ -10,15 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from harness.records import SAMPLED_METRICS
 from harness.report.frame import KEY
 
-# metric -> higher is better; each has raw repeats in `<metric>_samples`
-SAMPLE_METRICS: dict[str, bool] = {
-    "load_s": False,
-    "prefill_tok_s": True,
-    "decode_tok_s": True,
-    "encode_samples_s": True,
-}
+# metric -> higher is better, for every Record metric with raw repeats (harness.records.METRICS)
+SAMPLE_METRICS: dict[str, bool] = {name: m.higher_is_better for name, m in SAMPLED_METRICS.items()}
 ALPHA = 0.05
 
 
@@ -82,6 +78,11 @@ def judge(
     return Verdict(change, worse, p, method, verdict)
 
 
+def _contended(row: pd.Series) -> bool:
+    """Either side's record says other processes used the CPU while it was timed (harness.contention)."""
+    return any(row.get(name) is True or row.get(name) == 1.0 for name in ("contended", "contended_base"))
+
+
 def compare_runs(new: pd.DataFrame, base: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     """One row per matched combination and sampled metric, matched on the stable KEY."""
     ok_new, ok_base = new[new["status"] == "ok"], base[base["status"] == "ok"]
@@ -89,10 +90,14 @@ def compare_runs(new: pd.DataFrame, base: pd.DataFrame, alpha: float = ALPHA) ->
     rows = []
     for _, row in matched.iterrows():
         for metric, higher in SAMPLE_METRICS.items():
-            new_s, base_s = row[f"{metric}_samples"], row[f"{metric}_samples_base"]
+            samples = SAMPLED_METRICS[metric].samples
+            new_s, base_s = row[samples], row[f"{samples}_base"]
             if not new_s or not base_s:
                 continue
             v = judge(base_s, new_s, higher, alpha)
+            verdict = v.verdict
+            if verdict == "regression" and _contended(row):
+                verdict = "contended"  # other processes took the CPU: never called a regression
             rows.append(
                 {k: row[k] for k in [*KEY, "hardware"]}
                 | {
@@ -103,7 +108,7 @@ def compare_runs(new: pd.DataFrame, base: pd.DataFrame, alpha: float = ALPHA) ->
                     "worse_pct": 100 * v.worse_frac,
                     "p_value": v.p_value,
                     "method": v.method,
-                    "verdict": v.verdict,
+                    "verdict": verdict,
                 }
             )
     return pd.DataFrame(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from harness.records import METRICS
 from harness.units import MIB as MB
 
 
@@ -65,6 +66,8 @@ def _plan_error(measured: str) -> Callable[[pd.Series], str]:
     def cell(row: pd.Series) -> str:
         predicted = row["predicted_weight_bytes"] if measured == "weight_bytes" else row["predicted_peak_bytes"]
         value = row[measured]
+        if measured == "peak_memory_bytes" and _missing(value):  # records from before the headline
+            value = row["peak_rss_bytes"]
         if _missing(predicted) or _missing(value) or not value:
             return "-"
         return _pct(float(predicted) / float(value) - 1.0)
@@ -72,23 +75,50 @@ def _plan_error(measured: str) -> Callable[[pd.Series], str]:
     return cell
 
 
+def _label(field: str) -> str:
+    """A metric's column header, with its direction: `load_s ↓`, `decode tok/s ↑`."""
+    info = METRICS[field]
+    return f"{info.label} {'↑' if info.higher_is_better else '↓'}"
+
+
+def _cold_load(row: pd.Series) -> str:
+    """`2.41 (31% of disk)`: the cold load and its bandwidth against the raw read of the same files."""
+    text = num(row["load_cold_s"])
+    frac = row["load_cold_bandwidth_frac"]
+    return text if text == "-" or _missing(frac) else f"{text} ({100 * float(frac):.0f}% of disk)"
+
+
+def _peak_memory(row: pd.Series) -> str:
+    """The headline peak over every phase, with the phase that set it, e.g. `2631 (quality)`."""
+    text = num(row["peak_memory_bytes"], 3, MB)
+    phase = row["peak_memory_phase"]
+    return text if text == "-" or _missing(phase) else f"{text} ({phase})"
+
+
+def _contended(row: pd.Series) -> str:
+    return "contended" if row["contended"] is True else ""
+
+
 # header -> (source column that must have a value somewhere for the column to show, cell function)
 COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
-    "load_s": ("load_s", _rel_col("load_s")),
-    "weight MB": ("weight_bytes", _rel_col("weight_bytes", MB)),
+    _label("load_s"): ("load_s", _rel_col("load_s")),
+    _label("load_cold_s"): ("load_cold_s", _cold_load),
+    _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MB)),
     "plan weight err": ("predicted_weight_bytes", _plan_error("weight_bytes")),
-    "peak RSS MB": ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
-    "plan peak MB": ("predicted_peak_bytes", lambda r: num(r["predicted_peak_bytes"], 3, MB)),
-    "device MB": ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
-    "prefill tok/s": ("prefill_tok_s", _rel_col("prefill_tok_s")),
-    "decode tok/s": ("decode_tok_s", _rel_col("decode_tok_s")),
-    "encode seq/s": ("encode_samples_s", _rel_col("encode_samples_s")),
-    "kl_mean ± CI": ("kl_mean", _kl),
-    "ppl_delta %": ("ppl_delta_frac", lambda r: _pct(r["ppl_delta_frac"])),
-    "top1": ("top1_agree", lambda r: num(r["top1_agree"], 4)),
-    "cosine": ("embed_cosine_mean", lambda r: num(r["embed_cosine_mean"], 5)),
+    _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
+    _label("peak_memory_bytes"): ("peak_memory_bytes", _peak_memory),
+    "plan peak err": ("predicted_peak_bytes", _plan_error("peak_memory_bytes")),
+    _label("peak_device_allocated_bytes"): ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
+    _label("prefill_tok_s"): ("prefill_tok_s", _rel_col("prefill_tok_s")),
+    _label("decode_tok_s"): ("decode_tok_s", _rel_col("decode_tok_s")),
+    _label("encode_samples_s"): ("encode_samples_s", _rel_col("encode_samples_s")),
+    f"{_label('kl_mean')} ± CI": ("kl_mean", _kl),
+    _label("ppl_delta_frac"): ("ppl_delta_frac", lambda r: _pct(r["ppl_delta_frac"])),
+    _label("top1_agree"): ("top1_agree", lambda r: num(r["top1_agree"], 4)),
+    _label("embed_cosine_mean"): ("embed_cosine_mean", lambda r: num(r["embed_cosine_mean"], 5)),
+    "machine": ("contended", _contended),
 }
-ALWAYS = ("load_s", "weight MB", "peak RSS MB")
+ALWAYS = (_label("load_s"), _label("weight_bytes"), _label("peak_rss_bytes"))
 LABELS = ("framework", "device", "hardware")  # shown as columns only where they vary
 
 
@@ -102,13 +132,12 @@ def comparison_table(model_rows: pd.DataFrame) -> Table:
     model = str(model_rows["model"].iloc[0])
     labels = _label_columns(model_rows)
     shown = [h for h, (src, _) in COMPARISON_COLUMNS.items() if h in ALWAYS or model_rows[src].notna().any()]
-    headers = [*labels, "precision", "status", *shown]
+    headers = [*labels, "precision", "family", "status", *shown]
     rows = []
     for _, r in model_rows.iterrows():
         status = str(r["status"]) + (f" ({r['error_kind']})" if not _missing(r["error_kind"]) else "")
-        rows.append(
-            [str(r[c]) for c in labels] + [str(r["precision"]), status] + [COMPARISON_COLUMNS[h][1](r) for h in shown]
-        )
+        identity = [str(r["precision"]), str(r["family"]), status]
+        rows.append([str(r[c]) for c in labels] + identity + [COMPARISON_COLUMNS[h][1](r) for h in shown])
     refs = sorted(set(model_rows["reference_precision"].dropna()))
     title = f"{model}" + (f" (relative to {', '.join(refs)})" if refs else "")
     return Table(title, headers, rows)

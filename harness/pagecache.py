@@ -1,0 +1,94 @@
+"""Cold loads: drop a checkpoint's pages from the page cache, check they are gone, time a raw read.
+
+posix_fadvise(POSIX_FADV_DONTNEED) asks the kernel to drop a file's clean cached pages; it needs
+no root. It cannot drop pages another process still maps, and some filesystems (tmpfs, some
+overlay set-ups) ignore it, so the drop is verified with mincore(2) on a fresh mapping:
+`resident_fraction` is what the cold load really started from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+READ_BUFFER_BYTES = 16 << 20  # large buffered reads: the device's sequential rate, not syscall overhead
+_PROT_READ, _MAP_SHARED = 1, 1
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+    return libc
+
+
+def drop_cached_pages(paths: Iterable[Path]) -> None:
+    """Ask the kernel to drop every cached page of each file (POSIX_FADV_DONTNEED over the whole file).
+
+    Dirty pages (a checkpoint just written) are not dropped, so each file is fdatasync'ed first.
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages in the file), from mincore on a read-only mapping."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0, 0
+    libc = _libc()
+    page = mmap.PAGESIZE
+    pages = -(-size // page)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vector) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
+            return sum(byte & 1 for byte in vector), pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(paths: Iterable[Path]) -> float:
+    """Share of the files' pages that are in the page cache now (0 for no pages)."""
+    resident = total = 0
+    for path in paths:
+        in_cache, pages = resident_pages(path)
+        resident += in_cache
+        total += pages
+    return resident / total if total else 0.0
+
+
+def cold_read_bytes_s(paths: list[Path]) -> tuple[int, float]:
+    """(bytes, seconds) of a sequential read of every file after dropping its pages; drops them again after."""
+    drop_cached_pages(paths)
+    buffer = bytearray(READ_BUFFER_BYTES)
+    view = memoryview(buffer)
+    total = 0
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while read := handle.readinto(view):
+                total += read
+    seconds = time.perf_counter() - start
+    drop_cached_pages(paths)
+    return total, seconds
