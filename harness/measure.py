@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,21 @@ from harness.backends.base import Backend
 from harness.trackers import PhaseMeter, PhaseResult, Timer, proc_status
 
 FIRST_FORWARD_TOKENS = 16
+
+
+def release_load_leftovers(backend: Any) -> None:
+    """Quantized precisions: page out the checkpoint pages the quantizer read while loading, which
+    stay file-backed in RSS while the file is still mapped (harness.pagecache.page_out_mappings).
+    Float precisions are left alone: there the mapped pages are the weights themselves."""
+    from harness.models import weight_files
+    from harness.pagecache import page_out_mappings
+    from harness.registry import PRECISIONS
+
+    precision = PRECISIONS.get(backend.spec.precision)
+    if precision is None or not precision.quantized or not Path(backend.spec.source).is_dir():
+        return
+    with contextlib.suppress(OSError, FileNotFoundError):
+        page_out_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
 
 
 def checkpoint_bytes(source: str, allow_pickle: bool = False) -> int | None:
@@ -51,6 +67,7 @@ def measure_load(
         with Timer(backend.synchronize) as load_timer:
             backend.load()
     status = proc_status()
+    release_load_leftovers(backend)
     with PhaseMeter("first_forward", backend, timed=True) as forward_phase:
         with Timer(backend.synchronize) as forward_timer:
             output = run_forward(backend, kind, first_input(kind, eval_ids))
@@ -78,6 +95,7 @@ def measure_load(
         compute_dtype=stats.compute_dtype,
         architecture=stats.architecture,
         quant_state_device=stats.quant_state_device,
+        weight_notes=dict(stats.notes),
         checkpoint_bytes=checkpoint_bytes(backend.spec.source, backend.spec.allow_pickle),
     )
     device = backend.device_memory()  # allocator peaks over load + first forward: the larger phase's

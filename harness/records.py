@@ -83,6 +83,9 @@ class Record:
     quantized_param_frac: float | None = None  # share of parameters that were quantized
     quant_state_bytes: int | None = None  # absmax/scales/codebooks kept by the quantizer
     quant_state_device: str | None = None  # device the quantized weights and their states live on
+    weight_notes: dict[str, str] = field(
+        default_factory=dict
+    )  # the backend's notes on its weights, e.g. GGUF tensor types
     family: str | None = None  # the precision's quantizer family (registry), e.g. bitsandbytes, torchao, quanto
     quantization: str | None = None  # a pre-quantized checkpoint's method, bits, group size (as-saved only)
 
