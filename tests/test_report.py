@@ -356,3 +356,12 @@ def test_frontier_marks_every_family_and_the_recommendation_crosses_them() -> No
     # the biggest saving at the same or better quality: gguf-q4_k_m (1.4 MB, KL 3e-4) against nf4 (2.0 MB, 5e-4)
     assert sentence.startswith("across families, gguf-q4_k_m (gguf) gives KL 0.0003 nats against nf4's")
     assert "at 30% fewer weight bytes" in sentence
+
+
+def test_the_machine_column_flags_contended_rows_whatever_pandas_made_of_the_column() -> None:
+    from harness.report.tables import COMPARISON_COLUMNS
+
+    cell = COMPARISON_COLUMNS["machine"][1]
+    for column in ([True, False], [True, None]):  # numpy bools in an all-bool column, objects otherwise
+        frame = pd.DataFrame({"contended": column})
+        assert [cell(row) for _, row in frame.iterrows()] == ["contended", ""]

@@ -96,7 +96,8 @@ def _peak_memory(row: pd.Series) -> str:
 
 
 def _contended(row: pd.Series) -> str:
-    return "contended" if row["contended"] is True else ""
+    flag = row["contended"]  # a numpy bool in an all-bool column, a Python bool or None in a mixed one
+    return "contended" if not _missing(flag) and bool(flag) else ""
 
 
 # header -> (source column that must have a value somewhere for the column to show, cell function)
