@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.config import RunOptions, parse_bytes, parse_int_list
+from harness.config import OPTIMIZERS, SCENARIOS, RunOptions, parse_bytes, parse_int_list
 from harness.errors import UsageError
 from harness.registry import DEFAULT_FRAMEWORKS, DEFAULT_PRECISIONS, FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK
 
@@ -66,6 +66,50 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
+    parser.add_argument(
+        "--scenario",
+        default="inference",
+        choices=SCENARIOS,
+        help="inference: load, speed, memory, quality (default); finetune: a LoRA/QLoRA training run per combination",
+    )
+    add_training_arguments(parser)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The finetune scenario's settings (`harness run --scenario finetune` and `harness plan --finetune`)."""
+    group = parser.add_argument_group("fine-tuning (--scenario finetune)")
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 = full fine-tuning (default 8)")
+    group.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 x rank)")
+    group.add_argument(
+        "--train-steps",
+        type=int,
+        default=6,
+        help="optimizer steps on one fixed batch; the first is the warm-up (default 6)",
+    )
+    group.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    group.add_argument(
+        "--gradient-checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="recompute activations in backward (default on)",
+    )
+    group.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw (torch) or adamw8bit (bitsandbytes)"
+    )
+
+
+def training_options(args: argparse.Namespace) -> dict[str, object]:
+    """RunOptions keywords from add_training_arguments."""
+    return {
+        "seq_len": args.seq_len,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "train_steps": args.train_steps,
+        "learning_rate": args.learning_rate,
+        "gradient_checkpointing": args.gradient_checkpointing == "on",
+        "optimizer": args.optimizer,
+    }
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
@@ -92,6 +136,8 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         reference_model=args.reference_model,
         available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
         preflight=not args.no_preflight,
+        scenario=args.scenario,
+        **training_options(args),
     )
 
 
@@ -163,9 +209,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
         new_tokens=args.new_tokens,
         available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
+        scenario="finetune" if args.finetune else "inference",
+        **training_options(args),
     )
     budget = parse_bytes(args.budget_bytes) if args.budget_bytes else None
-    rows = plan_table(selection.models, selection.precisions, selection.devices, capabilities, options, budget)
+    if args.finetune:
+        from harness.trainplan import training_plan_table
+
+        rows = training_plan_table(selection.models, selection.precisions, selection.devices, capabilities, options,
+                                   budget)  # fmt: skip
+    else:
+        rows = plan_table(selection.models, selection.precisions, selection.devices, capabilities, options, budget)
     printers = plan_printers()
     for name in split_list(args.format) or ("table",):
         if name not in printers:
@@ -304,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-sizes", default="1", help="comma list (default 1): the KV cache uses the largest")
     plan.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
     plan.add_argument("--format", default="table", help="comma list of table, md, csv, json (default table)")
+    plan.add_argument(
+        "--finetune", action="store_true", help="plan one training step (LoRA/QLoRA, or full with --lora-rank 0)"
+    )
+    add_training_arguments(plan)
     plan.set_defaults(func=cmd_plan)
 
     precisions = commands.add_parser("precisions", help="every precision the registry declares, and where it runs")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from harness.errors import UsageError
 
+SCENARIOS = ("inference", "finetune")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -42,10 +45,28 @@ class RunOptions:
     reference: str | None = None  # precision that quality is measured against
     reference_model: str | None = None  # full-precision model a pre-quantized (as-saved) one is compared with
     model_references: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] reference_model)
+    # --- the finetune scenario (harness.finetune): one LoRA/QLoRA training run per combination ---
+    scenario: str = "inference"  # inference | finetune
+    seq_len: int = 256  # tokens per training sequence (batch size: the first of batch_sizes)
+    lora_rank: int = 8  # 0: full fine-tuning (float precisions only), the reference row
+    lora_alpha: int | None = None  # default 2 x rank
+    train_steps: int = 6  # optimizer steps on one fixed batch; the first is the warm-up, untimed
+    learning_rate: float = 1e-3
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes' 8-bit states)
 
     def tokenizer_for(self, model: str) -> str | None:
         """The tokenizer given for `model` (matrix file per model, else --tokenizer), or None."""
         return dict(self.model_tokenizers).get(model, self.tokenizer)
+
+    @property
+    def train_batch_size(self) -> int:
+        """The finetune scenario's batch: the first --batch-sizes value."""
+        return self.batch_sizes[0]
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
     def reference_model_for(self, model: str) -> str | None:
         """The full-precision reference model given for `model` (matrix file, else --reference-model)."""
@@ -58,6 +79,9 @@ class RunOptions:
             "new-tokens": self.new_tokens,
             "timing-repeats": self.timing_repeats,
             "eval-tokens": self.eval_tokens,
+            "seq-len": self.seq_len,
+            "train-steps": self.train_steps,
+            "learning-rate": self.learning_rate,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -75,6 +99,16 @@ class RunOptions:
         ):
             if value is not None and value <= 0:
                 raise UsageError(f"--{name} must be positive")
+        if self.scenario not in SCENARIOS:
+            raise UsageError(f"unknown --scenario '{self.scenario}': use one of {', '.join(SCENARIOS)}")
+        if self.lora_rank < 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise UsageError("--lora-rank cannot be negative (0 is full fine-tuning) and --lora-alpha must be positive")
+        if self.train_steps < 2:
+            raise UsageError(
+                f"--train-steps must be at least 2 (a warm-up step and a timed one), got {self.train_steps}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown --optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise UsageError(f"--eval-text {self.eval_text}: no such file; give a UTF-8 text file")
         if self.reference is not None:

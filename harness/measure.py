@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.backends.base import Backend
+from harness.finetune import TRAIN_PHASES
 from harness.trackers import PhaseMeter, PhaseResult, Timer, proc_status
 
 FIRST_FORWARD_TOKENS = 16
@@ -52,12 +54,18 @@ def run_forward(backend: Backend, kind: str, batch: dict[str, np.ndarray]) -> np
 
 
 def measure_load(
-    backend: Backend, kind: str, eval_ids: np.ndarray, before_load: Callable[[], None] | None = None
+    backend: Backend,
+    kind: str,
+    eval_ids: np.ndarray,
+    before_load: Callable[[], None] | None = None,
+    first_forward: bool = True,
 ) -> dict[str, Any]:
     """Load the model and run the first forward; time both, each its own memory/contention phase.
 
     `before_load` runs right before the timed load, after imports and device set-up (the cold load
-    drops the checkpoint's pages there). The phase results are in fields["_phases"], for
+    drops the checkpoint's pages there). `first_forward=False` (the finetune scenario) stops after
+    the load: an eval-mode forward would repack bitsandbytes' 4-bit weights on AVX512-BF16 CPUs into
+    a layout that does not train. The phase results are in fields["_phases"], for
     measure_after_load's headline; the worker removes the key.
     """
     fields: dict[str, Any] = dict(backend.prepare())  # quantizer import and CUDA context: outside load_s
@@ -68,20 +76,26 @@ def measure_load(
             backend.load()
     status = proc_status()
     release_load_leftovers(backend)
-    with PhaseMeter("first_forward", backend, timed=True) as forward_phase:
-        with Timer(backend.synchronize) as forward_timer:
-            output = run_forward(backend, kind, first_input(kind, eval_ids))
-    if not np.isfinite(output).all():
-        raise FloatingPointError("the first forward pass produced non-finite outputs")
-    fields["first_forward_max_abs"] = float(np.abs(output).max())
+    phases = [load_phase]
+    if first_forward:
+        with PhaseMeter("first_forward", backend, timed=True) as forward_phase:
+            with Timer(backend.synchronize) as forward_timer:
+                output = run_forward(backend, kind, first_input(kind, eval_ids))
+        if not np.isfinite(output).all():
+            raise FloatingPointError("the first forward pass produced non-finite outputs")
+        fields["first_forward_max_abs"] = float(np.abs(output).max())
+        fields["first_forward_s"] = forward_timer.elapsed_s
+        phases.append(forward_phase)
+    else:
+        reason = "no eval-mode first forward in the finetune scenario (it would repack 4-bit weights for inference)"
+        fields.update(first_forward_max_abs=None, first_forward_s=None)
+        fields["na_reasons"] = {"first_forward_max_abs": reason, "first_forward_s": reason}
     stats = backend.weight_stats()
-    load_memory, forward_memory = load_phase.result.host, forward_phase.result.host
     fields.update(
         load_s=load_timer.elapsed_s,
-        first_forward_s=forward_timer.elapsed_s,
-        rss_before_load_bytes=load_memory.before_bytes,
-        peak_rss_bytes=max(load_memory.peak_rss_bytes, forward_memory.peak_rss_bytes),
-        peak_rss_anon_bytes=max(load_memory.peak_rss_anon_bytes, forward_memory.peak_rss_anon_bytes),
+        rss_before_load_bytes=load_phase.result.host.before_bytes,
+        peak_rss_bytes=max(p.result.host.peak_rss_bytes for p in phases),
+        peak_rss_anon_bytes=max(p.result.host.peak_rss_anon_bytes for p in phases),
         rss_after_load_bytes=status["VmRSS"],
         rss_anon_bytes=status["RssAnon"],
         rss_file_bytes=status["RssFile"],
@@ -99,15 +113,15 @@ def measure_load(
         checkpoint_bytes=checkpoint_bytes(backend.spec.source, backend.spec.allow_pickle),
     )
     device = backend.device_memory()  # allocator peaks over load + first forward: the larger phase's
-    peaks = [p.result.device_peak_bytes for p in (load_phase, forward_phase) if p.result.device_peak_bytes is not None]
+    peaks = [p.result.device_peak_bytes for p in phases if p.result.device_peak_bytes is not None]
     if peaks:
         device["peak_device_allocated_bytes"] = max(peaks)
     fields.update(device)
-    fields["_phases"] = [load_phase.result, forward_phase.result]
+    fields["_phases"] = [p.result for p in phases]
     return fields
 
 
-PHASES = ("load", "first_forward", "prefill", "decode", "encode", "quality")
+PHASES = ("load", "first_forward", "prefill", "decode", "encode", "quality", *TRAIN_PHASES)
 
 
 def intra_op_threads() -> int | None:
@@ -129,7 +143,7 @@ def phase_fields(phases: list[PhaseResult], device: str, reasons: dict[str, str]
     from harness.contention import contention_fields
 
     out: dict[str, Any] = {}
-    ran = {p.name: p for p in phases}
+    ran = _largest_per_phase(phases)
     for name in PHASES:
         phase = ran.get(name)
         device_name = f"peak_device_allocated_{name}_bytes"
@@ -148,8 +162,8 @@ def phase_fields(phases: list[PhaseResult], device: str, reasons: dict[str, str]
                 if device == "cpu"
                 else "the device reports no allocator peak"
             )
-    host_peak = max(phases, key=lambda p: p.host.peak_rss_bytes)
-    device_phases = [p for p in phases if p.device_peak_bytes is not None]
+    host_peak = max(ran.values(), key=lambda p: p.host.peak_rss_bytes)
+    device_phases = [p for p in ran.values() if p.device_peak_bytes is not None]
     if device != "cpu" and device_phases:
         top = max(device_phases, key=lambda p: p.device_peak_bytes or 0)
         out.update(peak_memory_bytes=top.device_peak_bytes, peak_memory_phase=top.name)
@@ -162,6 +176,26 @@ def phase_fields(phases: list[PhaseResult], device: str, reasons: dict[str, str]
     if out["intra_op_threads"] is None:
         reasons["intra_op_threads"] = "not a PyTorch worker: the framework's thread count is not read"
     return out
+
+
+def _largest_per_phase(phases: list[PhaseResult]) -> dict[str, PhaseResult]:
+    """One result per phase name: the largest host and device peaks over every time that phase ran
+    (the finetune scenario runs its three phases once per step)."""
+    merged: dict[str, PhaseResult] = {}
+    for phase in phases:
+        seen = merged.get(phase.name)
+        if seen is None:
+            merged[phase.name] = phase
+            continue
+        host = seen.host if seen.host.peak_rss_bytes >= phase.host.peak_rss_bytes else phase.host
+        anon = max(seen.host.peak_rss_anon_bytes, phase.host.peak_rss_anon_bytes)
+        devices = [p for p in (seen.device_peak_bytes, phase.device_peak_bytes) if p is not None]
+        merged[phase.name] = PhaseResult(
+            phase.name,
+            replace(host, peak_rss_anon_bytes=anon, hwm_reset=seen.host.hwm_reset and phase.host.hwm_reset),
+            max(devices) if devices else None,
+        )
+    return merged
 
 
 def roofline_fields(fields: dict[str, Any], bandwidth_bytes_s: float | None) -> dict[str, Any]:

@@ -57,7 +57,12 @@ def plan_fields(job: Any) -> dict[str, Any]:
     from harness.memplan import read_config
 
     precisions = (*DEFAULT_PRECISIONS, *job.plan_precisions)
-    plans = plans_for(read_config(job.model.source), precisions, job.fast_bf16, job.options, job.combo.device)
+    config = read_config(job.model.source)
+    if job.options.scenario == "finetune":
+        from harness.trainplan import training_plans_for
+
+        return {"plans": training_plans_for(config, precisions, job.fast_bf16, job.options, job.combo.device)}
+    plans = plans_for(config, precisions, job.fast_bf16, job.options, job.combo.device)
     return {"plans": {name: asdict(plan) for name, plan in plans.items()}}
 
 

@@ -25,7 +25,7 @@ class Metric:
 
     unit: str  # s, bytes, tok/s, seq/s, nats, frac, ...
     higher_is_better: bool
-    group: str  # load | size | memory | throughput | quality
+    group: str  # load | size | memory | throughput | quality | finetune
     samples: str | None = None  # the field holding the raw repeats behind the median (verdicts need them)
     budget: bool = False  # a matrix file may set a budget on it: max_<field> or min_<field>
     label: str = ""  # column header in reports
@@ -60,6 +60,7 @@ class Record:
     precision: str
     device: str
     status: str  # ok | failed | skipped
+    scenario: str = "inference"  # inference | finetune (harness.finetune): what was measured
     run_id: str = ""
     env_id: str = ""
     hardware_id: str = ""
@@ -250,6 +251,67 @@ class Record:
         "spearman", True, "quality", label="rank agree"
     )  # Spearman of pair similarities vs the reference
     roundtrip_max_abs_diff: float | None = None  # outputs after save_pretrained -> from_pretrained
+
+    # --- fine-tuning (scenario "finetune", harness.finetune): N optimizer steps on one fixed batch ---
+    lora_method: str | None = None  # plain (LoRA on the layers as loaded) | kbit (QLoRA) | full (no adapter)
+    lora_rank: int | None = None  # 0: full fine-tuning
+    lora_alpha: int | None = None
+    train_seq_len: int | None = None  # tokens per training sequence
+    train_batch_size: int | None = None
+    train_steps: int | None = None  # optimizer steps run; the first is the untimed warm-up
+    learning_rate: float | None = None
+    optimizer: str | None = None  # adamw | adamw8bit
+    gradient_checkpointing: bool | None = None
+    upcast_param_bytes: int | None = None  # bytes added by casting unquantized 16-bit params to fp32 (kbit prep)
+    trainable_params: int | None = None  # peft's count of parameters that receive gradients
+    all_params: int | None = None  # peft's count of all parameters (a packed 4-bit weight counts per element)
+    trainable_param_bytes: int | None = None
+    optimizer_state_bytes: int | None = None  # every optimizer state tensor after the last step, each storage once
+    adapter_bytes: int | None = metric(
+        "bytes", False, "finetune", label="adapter MB"
+    )  # the saved adapter (adapter_model.safetensors), or the whole model's weights for full fine-tuning
+    train_step_s: float | None = metric(
+        "s", False, "finetune", samples="train_step_s_samples", budget=True, label="step s"
+    )  # forward + backward + optimizer step, synchronized, median over the timed steps
+    train_step_s_samples: list[float] = field(default_factory=list)
+    train_step_s_iqr: float | None = None
+    train_step_s_ci_rel: float | None = None  # relative half-width of the median's 95 % CI
+    train_first_step_s: float | None = None  # the warm-up step (allocations, optimizer state creation)
+    train_forward_s: float | None = None  # medians of each phase over the timed steps
+    train_backward_s: float | None = None
+    train_optimizer_s: float | None = None
+    train_tok_s: float | None = metric(
+        "tok/s", True, "finetune", samples="train_tok_s_samples", budget=True, label="train tok/s"
+    )  # train_seq_len x train_batch_size / step time, median
+    train_tok_s_samples: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)  # the training loss at every step (the same batch)
+    loss_first: float | None = None
+    loss_last: float | None = None
+    loss_drop_frac: float | None = metric("frac", True, "finetune", label="loss drop")  # (first - last) / first
+    grad_nonzero_frac: float | None = None  # share of trainable tensors whose gradient was non-zero in some step
+    peak_rss_train_forward_bytes: int | None = None  # high-water mark over the training forwards (every step)
+    peak_rss_anon_train_forward_bytes: int | None = None
+    peak_rss_train_backward_bytes: int | None = None
+    peak_rss_anon_train_backward_bytes: int | None = None
+    peak_rss_train_optimizer_bytes: int | None = None
+    peak_rss_anon_train_optimizer_bytes: int | None = None
+    peak_device_allocated_train_forward_bytes: int | None = None
+    peak_device_allocated_train_backward_bytes: int | None = None
+    peak_device_allocated_train_optimizer_bytes: int | None = None
+    peak_device_reserved_train_bytes: int | None = None  # allocator reserved pool at its largest over training
+    train_peak_bytes: int | None = metric(
+        "bytes", False, "finetune", budget=True, label="train peak MB"
+    )  # the largest training phase's peak above rss_before_load (host) or the allocator's peak (cuda)
+    train_peak_phase: str | None = None
+    predicted_train_forward_bytes: int | None = None  # the training plan (harness.trainplan), before any load,
+    predicted_train_backward_bytes: int | None = None  # above the worker's baseline: weights, adapter, grads,
+    predicted_train_optimizer_bytes: int | None = None  # optimizer states, saved activations and temporaries
+    adapter_roundtrip_kl: float | None = metric(
+        "nats", False, "finetune", label="adapter KL"
+    )  # mean per-token KL(trained model || adapter saved and reloaded on a fresh base, same precision)
+    adapter_roundtrip_max_abs_diff: float | None = None
+    merged_kl: float | None = None  # KL(trained model || adapter merged into the reloaded base's weights)
+    merged_max_abs_diff: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,6 +53,11 @@ class Framework:
     null_field_reasons: Mapping[str, str] = field(default_factory=dict)  # fields it never reports, and why
     default: bool = False  # part of the default matrix
     reference: bool = False  # quality references are measured in this framework
+    # the finetune scenario: "module:Class" of its trainer (harness.finetune.Trainer), or why it has none
+    trainer: str | None = None
+    trainer_packages: tuple[str, ...] = ()  # import names the trainer needs beyond `packages`
+    trainer_extra: str | None = None  # pip extra that installs them
+    no_trainer_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.start_method not in ("forkserver", "spawn"):
@@ -87,6 +92,12 @@ class Precision:
     inference_mode: bool = True  # PyTorch runs it under torch.inference_mode (else torch.no_grad)
     default: bool = False  # part of the default matrix
     reference_rank: int | None = None  # order of preference as the quality reference (0 first)
+    # The finetune scenario: how a LoRA adapter attaches to this precision. "plain": on the loaded
+    # layers as they are (float weights can also be fully fine-tuned); "kbit": QLoRA, through
+    # peft's prepare_model_for_kbit_training (freezes the base, casts what is not quantized to
+    # fp32); "": no LoRA here, and `no_lora_reason` says why.
+    lora: str = "plain"
+    no_lora_reason: str = ""
 
     def __post_init__(self) -> None:
         for kind in (*self.devices, *self.device_reasons):
@@ -95,6 +106,10 @@ class Precision:
         for name in ("storage_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "float16", "bfloat16", "half", "half-or-float32"):
                 raise ValueError(f"{self.name}: unknown {name} {getattr(self, name)!r}")
+        if self.lora not in ("plain", "kbit", ""):
+            raise ValueError(f"{self.name}: lora must be plain, kbit or empty")
+        if not self.lora and not self.no_lora_reason:
+            raise ValueError(f"{self.name}: a precision without LoRA needs no_lora_reason")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         object.__setattr__(self, "measured_loss", MappingProxyType(dict(self.measured_loss)))
         object.__setattr__(self, "device_reasons", MappingProxyType(dict(self.device_reasons)))
@@ -134,6 +149,9 @@ _PYTORCH = Framework(
     device_packages={"xla": ("torch_xla",)},
     default=True,
     reference=True,
+    trainer="harness.backends.pytorch_train:PeftTrainer",
+    trainer_packages=("peft",),
+    trainer_extra="finetune",
 )
 _TENSORFLOW = Framework(
     name="tensorflow",
@@ -152,6 +170,7 @@ _TENSORFLOW = Framework(
     no_cuda_build_reason="tensorflow-cpu has no GPU support: pip install 'tensorflow[and-cuda]'",
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
     null_field_reasons={"peak_device_reserved_bytes": "TensorFlow does not report its allocator's reserved pool"},
+    no_trainer_reason="no LoRA training step for KerasHub on TensorFlow yet: fine-tune through --frameworks pytorch",
 )
 _JAX = Framework(
     name="jax",
@@ -168,6 +187,7 @@ _JAX = Framework(
     cuda_build="jax_cuda_build",
     no_cuda_build_reason="this jax has no CUDA plugin: pip install 'jax[cuda12]'",
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
+    no_trainer_reason="no LoRA training step for KerasHub on JAX yet: fine-tune through --frameworks pytorch",
 )
 _LLAMACPP = Framework(
     name="llamacpp",
@@ -187,6 +207,7 @@ _LLAMACPP = Framework(
     no_cuda_build_reason="this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on",
     model_support="harness.backends.llamacpp:unsupported_reason",
     null_field_reasons={"roundtrip_max_abs_diff": "GGUF files are the serialized form"},
+    no_trainer_reason="llama.cpp runs GGUF inference only: no training step (fine-tune the Hugging Face checkpoint)",
 )
 
 # --- precisions -----------------------------------------------------------------------------------
@@ -210,6 +231,7 @@ _BNB = {
     "devices": ("cpu", "cuda"),
     "quantizer": "harness.quantizers.bnb",
     "default": True,
+    "lora": "kbit",  # QLoRA: peft's prepare_model_for_kbit_training, then LoRA on Linear8bitLt/Linear4bit
 }
 # Weight-only quantizers keep activations (and what stays unquantized) in bf16 where the device runs it
 # natively, else fp32 (fp16 activations are slow on CPUs without native 16-bit math).
@@ -232,6 +254,8 @@ _QUANTO = _WEIGHT_ONLY | {
     "serializes": False,  # QuantoHfQuantizer.is_serializable is False
     # quanto's packed int2/int4 weights set version counters: "Cannot set version_counter for inference tensor"
     "inference_mode": False,
+    "lora": "",
+    "no_lora_reason": "peft has no LoRA layer for optimum-quanto (its maintainers keep quanto in maintenance mode)",
 }
 _HQQ = _WEIGHT_ONLY | {"family": "hqq", "packages": ("hqq",), "extra": "hqq", "quantizer": "harness.quantizers.hqq"}
 _GGUF = {
@@ -242,6 +266,8 @@ _GGUF = {
     "devices": ("cpu", "cuda"),
     "device_reasons": {"xla": "llama.cpp has no XLA backend"},
     "serializes": False,  # the GGUF file is the serialized form
+    "lora": "",
+    "no_lora_reason": "no LoRA on GGUF: llama.cpp runs inference only (fine-tune the Hugging Face checkpoint)",
 }
 _KERAS = {
     "family": "keras",
@@ -280,7 +306,8 @@ _BUILTIN_PRECISIONS: tuple[Precision, ...] = (
     Precision("ao-fp8wo", description="torchao float8 (e4m3) weight-only, one scale per row", bits=8,
               options={"config": "Float8WeightOnlyConfig"}, measured_loss=_loss(4.0e-5, 1.9e-3), **_TORCHAO),
     Precision("ao-int4wo", description="torchao int4 weight-only (Int4WeightOnlyConfig)", bits=4,
-              options={"config": "Int4WeightOnlyConfig"}, **(_TORCHAO | {"devices": ("cuda",), "device_reasons": {
+              options={"config": "Int4WeightOnlyConfig"}, **(_TORCHAO | {"devices": ("cuda",), "lora": "",
+              "no_lora_reason": "peft's torchao LoRA supports int8 weights only (int4 raises)", "device_reasons": {
                   "cpu": "torchao 0.18 Int4WeightOnlyConfig has no CPU kernel: packing formats plain/preshuffled "
                          "need mslk (CUDA), plain_int32 does not support device 'cpu', tile_packed_to_4d needs CUDA",
                   "xla": "torchao int4 has no XLA kernel"}})),
@@ -303,7 +330,7 @@ _BUILTIN_PRECISIONS: tuple[Precision, ...] = (
     # reference is a separate full-precision model (--reference-model, or reference_model per model).
     Precision("as-saved", "pre-quantized", "the checkpoint's own quantization_config, loaded as saved",
               ("pytorch",), 0, storage_dtype="half", compute_dtype="half",
-              quantizer="harness.quantizers.saved"),
+              quantizer="harness.quantizers.saved", lora="kbit"),
     # llama.cpp GGUF types: converted once to f16 by llama.cpp's converter, then quantized with
     # llama_model_quantize. Bits are nominal: k-quants need rows that are multiples of 256, and
     # llama.cpp falls back to other types per tensor (the record's notes list what each got).
@@ -395,7 +422,7 @@ def all_packages() -> frozenset[str]:
     """Every import name any framework, device or precision needs (what Capabilities probes)."""
     names: set[str] = set()
     for framework in FRAMEWORKS.values():
-        names |= set(framework.packages)
+        names |= set(framework.packages) | set(framework.trainer_packages)
         for packages in framework.device_packages.values():
             names |= set(packages)
     for precision in PRECISIONS.values():

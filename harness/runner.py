@@ -40,6 +40,26 @@ from harness.throughput import ci_rel_or_none, median_iqr
 from harness.trackers import NVML_NO_PID_REASON
 from harness.worker import COLD_FIELDS, WorkerJob
 
+TRAINING_SCENARIO_NOTE = "not measured by the inference scenario: --scenario finetune trains"
+INFERENCE_SCENARIO_NOTE = "not measured by the finetune scenario: --scenario inference measures it"
+
+
+def explain_scenario_nulls(record: Record) -> None:
+    """Give every null field the other scenario measures its reason (each record is one scenario's)."""
+    from harness.finetune import training_fields
+
+    if record.status != "ok":
+        return
+    training = set(training_fields())
+    for name in Record.field_names():
+        if getattr(record, name) is not None or name in record.na_reasons:
+            continue
+        if record.scenario == "finetune" and name not in training:
+            record.na_reasons[name] = INFERENCE_SCENARIO_NOTE
+        elif record.scenario == "inference" and name in training:
+            record.na_reasons[name] = TRAINING_SCENARIO_NOTE
+
+
 NOT_APPLICABLE = {
     "quantizer_import_s": "this precision imports no quantizer library beyond the framework",
     "device_init_s": "no CUDA context: the device is not a CUDA GPU",
@@ -221,6 +241,13 @@ class Runner:
         return record
 
     def _measure(self, combo: Combo) -> Record:
+        options = self.plan.options
+        record = self._measure_scenario(combo)
+        record.scenario = options.scenario
+        explain_scenario_nulls(record)
+        return record
+
+    def _measure_scenario(self, combo: Combo) -> Record:
         reason = unsupported_reason(combo, self.capabilities)
         if reason is not None:
             return _outcome(combo, "skipped", skip_reason=reason)
@@ -230,8 +257,12 @@ class Runner:
         except Exception as exc:  # a zoo build that fails is this combination's failure
             return _outcome(combo, "failed", error_kind="error", error=one_line(exc))
         reason = unsupported_model_reason(model) or precision_model_reason(PRECISIONS[combo.precision].family, model)
+        if reason is None and options.scenario == "finetune":
+            reason = self._training_reason(combo, model)
         if reason is not None:
             return _outcome(combo, "skipped", skip_reason=reason, model_source=model.source)
+        if options.scenario == "finetune":
+            return self._measure_finetune(combo, model)
         predicted, plan_note = self._preflight(combo)
         if plan_note.startswith("skip:"):
             return _outcome(combo, "skipped", skip_reason=plan_note.removeprefix("skip:"), model_source=model.source,
@@ -285,6 +316,80 @@ class Runner:
         elif record.status == "ok":
             record.na_reasons["reference_model"] = record.na_reasons.get("reference_precision", "no reference")
         return record
+
+    # --- the finetune scenario ----------------------------------------------------------------
+
+    def _training_reason(self, combo: Combo, model: ModelSource) -> str | None:
+        """Why `combo` has no training step (registry rules), or a missing trainer package, or None."""
+        from harness.finetune import training_skip_reason
+        from harness.matrix import is_installed
+
+        reason = training_skip_reason(combo.framework, combo.precision, model.kind, self.plan.options.lora_rank)
+        if reason is not None:
+            return reason
+        framework = FRAMEWORKS[combo.framework]
+        missing = [p for p in framework.trainer_packages if not is_installed(p)]
+        if missing:
+            return f"the finetune scenario needs {', '.join(missing)}: pip install 'harness[{framework.trainer_extra}]'"
+        return None
+
+    def _measure_finetune(self, combo: Combo, model: ModelSource) -> Record:
+        """A training worker (harness.finetune), then an adapter round-trip worker on a fresh base."""
+        options = self.plan.options
+        predicted, plan_note = self._training_preflight(combo)
+        if plan_note.startswith("skip:"):
+            return _outcome(combo, "skipped", skip_reason=plan_note.removeprefix("skip:"), model_source=model.source,
+                            **predicted)  # fmt: skip
+        adapter_dir = str(self.writer.path / "adapters" / _safe_name(combo.id))
+        job = self._job(combo, mode="finetune", adapter_dir=adapter_dir, log_path=self._log_path(combo))
+        main = self.launcher.run(job, options.timeout_s)
+        record = self._to_record(combo, model, main, [])
+        for name, value in predicted.items():
+            setattr(record, name, value)
+            if value is None:
+                record.na_reasons[name] = plan_note
+        if record.status != "ok":
+            return record
+        check = self.launcher.run(
+            self._job(combo, mode="adapter", adapter_dir=adapter_dir, log_path=self._log_path(combo, "-adapter")),
+            options.timeout_s,
+        )
+        names = ("adapter_roundtrip_kl", "adapter_roundtrip_max_abs_diff", "merged_kl", "merged_max_abs_diff")
+        if check.ok:
+            record.na_reasons.update(check.fields.pop("na_reasons", {}))
+            for name in names:
+                setattr(record, name, check.fields.get(name))
+        else:
+            for name in names:
+                record.na_reasons[name] = f"adapter round-trip worker failed: {check.error}"
+        if record.lora_method == "full":  # a whole model copy: the round trip has read it, the run dir keeps none
+            import shutil
+
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        return record
+
+    def _training_preflight(self, combo: Combo) -> tuple[dict[str, int | None], str]:
+        """(predicted training fields, note), like `_preflight` but from the training plan (harness.trainplan)."""
+        from harness.preflight import available_bytes
+        from harness.trainplan import training_fit
+
+        names = ("predicted_train_forward_bytes", "predicted_train_backward_bytes", "predicted_train_optimizer_bytes")
+        empty: dict[str, int | None] = dict.fromkeys(names)
+        plans, error = self.memory_plans(combo)
+        if plans is None:
+            return empty, f"training memory plan failed: {error}"
+        plan = plans[combo.precision]
+        if isinstance(plan, str):
+            return empty, f"no training plan: {plan}"
+        predicted = dict(
+            zip(names, (plan["forward_bytes"], plan["backward_bytes"], plan["optimizer_bytes"]), strict=True)
+        )
+        options = self.plan.options
+        if not options.preflight:
+            return predicted, ""
+        available = available_bytes(combo.device, self.capabilities, options.available_memory_bytes)
+        verdict = training_fit(combo, plans, available)
+        return predicted, f"skip:{verdict.reason}" if verdict.reason else ""
 
     def _load_repeats(self, combo: Combo, main: WorkerResult) -> list[WorkerResult]:
         """Fresh-worker loads after the main one. With --repeats 3 or more (the default is 3): until

@@ -94,6 +94,7 @@ class PhaseResult:
     name: str
     host: HostMemory
     device_peak_bytes: int | None = None  # allocator peak over the phase (CUDA/TF GPU), None on the host
+    device_reserved_peak_bytes: int | None = None  # the allocator's reserved pool at its largest (PyTorch CUDA)
     load: Any = None  # harness.contention.PhaseLoad, for timed phases
 
 
@@ -128,7 +129,9 @@ class PhaseMeter:
         self.memory.__exit__(*exc)
         device_memory = getattr(self.backend, "device_memory", None)
         if device_memory is not None:
-            self.result.device_peak_bytes = device_memory().get("peak_device_allocated_bytes")
+            memory = device_memory()
+            self.result.device_peak_bytes = memory.get("peak_device_allocated_bytes")
+            self.result.device_reserved_peak_bytes = memory.get("peak_device_reserved_bytes")
 
 
 class Timer:

@@ -34,7 +34,8 @@ class WorkerJob:
     model: ModelSource
     options: RunOptions
     mode: str = "full"  # full: every measurement; load: load timing only; cold: a load after dropping the
-    # checkpoint's pages (with a raw cold read beside it); bandwidth: device copy; plan: memory plan
+    # checkpoint's pages (with a raw cold read beside it); bandwidth: device copy; plan: memory plan;
+    # finetune: a training run (harness.finetune); adapter: the trained adapter reloaded on a fresh base
     reference_path: str | None = None  # quality: the reference outputs to compare with
     write_reference_path: str | None = None  # quality: write this worker's outputs as the reference
     reference_note: str = ""  # why there is no reference, when there is none
@@ -42,6 +43,7 @@ class WorkerJob:
     log_path: str | None = None
     fast_bf16: bool = False  # plan mode: does the device run bf16 natively (decides quantized storage dtypes)
     plan_precisions: tuple[str, ...] = ()  # plan mode: the precisions to plan besides the defaults
+    adapter_dir: str | None = None  # finetune/adapter modes: where the adapter and the trained logits go
 
 
 def classify(exc: BaseException) -> str:
@@ -124,6 +126,12 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
     backend = backend_for(job.combo.framework, spec)
     if job.options.memory_limit_bytes:
         backend.limit_device_memory(job.options.memory_limit_bytes)
+    if job.mode in ("finetune", "adapter"):
+        from harness.finetune import adapter_fields, finetune_fields
+
+        if job.mode == "adapter":
+            return adapter_fields(backend, job)
+        return finetune_fields(backend, job, eval_ids) | {"worker_pid": os.getpid()}
     if job.mode == "cold":
         return cold_load_fields(backend, spec.kind, eval_ids)
     fields = measure_load(backend, spec.kind, eval_ids)
