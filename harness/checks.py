@@ -115,3 +115,65 @@ def finite_problems(record: dict[str, Any], names: tuple[str, ...]) -> list[str]
         elif not isinstance(value, int | float) or not math.isfinite(value):
             problems.append(f"{name} = {value!r} is not a finite number")
     return problems
+
+
+# The finetune scenario (harness.finetune). An adapter saved and reloaded on a fresh base must give
+# the trained model's logits: exactly for plain LoRA (measured KL 0), within the fp32 upcast that
+# QLoRA trains with and a fresh base lacks (measured 2e-6 to 6e-5 nats, tiny-llama-trained and
+# tiny-gpt2, int8 and nf4). Merging requantizes quantized bases: measured KL 5e-6 (int8) to 0.04
+# (nf4) on tiny-llama-trained, 2e-5 to 4e-5 for 16-bit merges; the limits are those x 5.
+ADAPTER_ROUNDTRIP_KL_TOLERANCE = 1e-3
+MERGED_KL_TOLERANCE_4BIT = 0.2
+MERGED_KL_TOLERANCE = 5e-3
+PLAN_TOLERANCE_FRAC = 0.25  # each training phase's measured peak within the plan +-25 %
+
+
+def training_problems(record: dict[str, Any]) -> list[str]:
+    """A training row that counts: the loss fell, gradients reached every trainable tensor, every phase metered."""
+    problems = []
+    first, last = record.get("loss_first"), record.get("loss_last")
+    if first is None or last is None or not last < first:
+        problems.append(f"the loss did not fall: {first} -> {last}")
+    if (record.get("grad_nonzero_frac") or 0) < 1:
+        problems.append(f"only {record.get('grad_nonzero_frac')} of the trainable tensors ever got a non-zero gradient")
+    for phase in ("forward", "backward", "optimizer"):
+        if record.get(f"peak_rss_train_{phase}_bytes") is None:
+            problems.append(f"no peak memory for the train {phase} phase")
+    return problems
+
+
+def adapter_problems(record: dict[str, Any]) -> list[str]:
+    """The saved adapter reloads faithfully, and merges within its precision's tolerance (where peft merges)."""
+    problems = []
+    kl = record.get("adapter_roundtrip_kl")
+    if kl is None:
+        problems.append(f"no adapter round trip: {record['na_reasons'].get('adapter_roundtrip_kl', 'no reason')}")
+    elif kl > ADAPTER_ROUNDTRIP_KL_TOLERANCE:
+        problems.append(
+            f"adapter_roundtrip_kl = {kl:.3g} > {ADAPTER_ROUNDTRIP_KL_TOLERANCE:g}: the adapter does not reload"
+        )
+    merged = record.get("merged_kl")
+    spec = PRECISIONS.get(record["precision"])
+    limit = MERGED_KL_TOLERANCE_4BIT if spec is not None and spec.quantized and spec.bits <= 4 else MERGED_KL_TOLERANCE
+    if merged is not None and merged > limit:
+        problems.append(f"merged_kl = {merged:.3g} > {limit:g}: the merged weights do not match the adapter")
+    return problems
+
+
+def plan_problems(record: dict[str, Any], tolerance: float = PLAN_TOLERANCE_FRAC) -> list[str]:
+    """Each training phase's measured peak (above the pre-load baseline on the host) within the plan's +-tolerance."""
+    problems = []
+    host = record["device"] == "cpu"
+    for phase in ("forward", "backward", "optimizer"):
+        planned = record.get(f"predicted_train_{phase}_bytes")
+        measured = record.get(f"peak_rss_train_{phase}_bytes" if host else f"peak_device_allocated_train_{phase}_bytes")
+        if planned is None or measured is None:
+            problems.append(f"train {phase}: no plan or no measurement to compare")
+            continue
+        measured -= record["rss_before_load_bytes"] if host else 0
+        if abs(planned / measured - 1) > tolerance:
+            problems.append(
+                f"train {phase}: planned {planned / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
+                f"({planned / measured - 1:+.0%}, beyond ±{tolerance:.0%})"
+            )
+    return problems

@@ -8,8 +8,12 @@ class UsageError(Exception):
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """`Type: first line of message`, trimmed, for records and console output."""
+    """`Type: first line of message [notes]`, trimmed, for records and console output (PEP 678 notes,
+    e.g. the training phase an error happened in, come last)."""
     text = str(exc).strip().splitlines()
     first = next((line.strip() for line in text if line.strip()), "")
     line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    notes = [n.strip() for n in getattr(exc, "__notes__", ()) if n.strip()]
+    if notes:
+        line += f" [{'; '.join(notes)}]"
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -178,13 +178,18 @@ def _median_summary(samples: list[float]) -> tuple[float, float, float | None]:
 
 
 def run_steps(
-    trainer: Trainer, backend: Any, ids: np.ndarray, steps: int
+    trainer: Trainer,
+    backend: Any,
+    ids: np.ndarray,
+    steps: int,
+    on_phase: Callable[[str], None] | None = None,
 ) -> tuple[list[float], dict[str, list[float]], list[Any], float]:
     """`steps` optimizer steps on `ids`, each phase synchronized, timed and metered.
 
     Returns (losses, seconds per phase per step, phase results, share of trainable tensors that got
     a non-zero gradient in some step). Raises TrainingFailed on a non-finite loss or when the first
-    backward leaves every gradient None or zero.
+    backward leaves every gradient None or zero; any error (an out-of-memory, say) leaves with a
+    note naming the phase and step it happened in. `on_phase(name)` hears each phase as it starts.
     """
     from harness.trackers import PhaseMeter, Timer
 
@@ -204,9 +209,15 @@ def run_steps(
                 if step == 0 and not any(flags):
                     raise TrainingFailed(NO_GRADIENT_REASON)
                 reached = flags if reached is None else [a or b for a, b in zip(reached, flags, strict=True)]
-            with PhaseMeter(name, backend, timed=True) as meter:
-                with Timer(backend.synchronize) as timer:
-                    actions[name]()
+            if on_phase is not None:
+                on_phase(f"{name} (step {step + 1})")
+            try:
+                with PhaseMeter(name, backend, timed=True) as meter:
+                    with Timer(backend.synchronize) as timer:
+                        actions[name]()
+            except Exception as exc:
+                exc.add_note(f"in the {name} phase of step {step + 1}")
+                raise
             results.append(meter.result)
             seconds[name].append(timer.elapsed_s)
         if not np.isfinite(losses[-1]):
@@ -214,19 +225,26 @@ def run_steps(
     return losses, seconds, results, float(np.mean(reached)) if reached else 0.0
 
 
-def finetune_fields(backend: Any, job: Any, eval_ids: np.ndarray) -> dict[str, Any]:
+def finetune_fields(
+    backend: Any, job: Any, eval_ids: np.ndarray, on_phase: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Worker mode "finetune": load, attach, train, save the adapter and the trained logits."""
     from harness.measure import measure_load, phase_fields
     from harness.registry import FRAMEWORKS, load_object
 
     settings = TrainSettings.from_options(job.options, job.combo.precision)
+    trainer_class = load_object(FRAMEWORKS[job.combo.framework].trainer)  # its imports (peft) before the baseline
+    notify = on_phase or (lambda name: None)
+    notify("load")
     fields = measure_load(backend, backend.spec.kind, eval_ids, first_forward=False)
     phases = fields.pop("_phases")
     reasons: dict[str, str] = fields.pop("na_reasons", {})
-    trainer = load_object(FRAMEWORKS[job.combo.framework].trainer)(backend, settings)
+    trainer = trainer_class(backend, settings)
+    notify("attach")
     setup = trainer.attach()
     ids = train_batch(eval_ids, settings.seq_len, settings.batch_size)
-    losses, seconds, results, reached = run_steps(trainer, backend, ids, settings.steps)
+    losses, seconds, results, reached = run_steps(trainer, backend, ids, settings.steps, notify)
+    notify("adapter save")
     if not losses[-1] < losses[0]:
         raise TrainingFailed(
             f"did not learn: the loss went {losses[0]:.4g} -> {losses[-1]:.4g} over {settings.steps} steps "

@@ -7,6 +7,7 @@ test asks for its record, and hands the same record to every later test of that 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ class HarnessSession:
         self.reports_dir = reports_dir
         self.run_id = run_id
         self.env = env
-        self.records: dict[Combo, Record] = {}
-        self._runner: Runner | None = None
+        self.records: dict[tuple[Combo, str], Record] = {}
+        self._runners: dict[str, Runner] = {}
+        self._writer: RunWriter | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> HarnessSession:
@@ -109,23 +111,25 @@ class HarnessSession:
     def marker_names(self) -> set[str]:
         return {name for combo in self.combos for name in axis_markers(combo)}
 
-    @property
-    def runner(self) -> Runner:
-        """Created on the first measurement, so collecting alone writes nothing."""
-        if self._runner is None:
-            writer = RunWriter(self.reports_dir, self.env, self.run_id)
-            self._runner = Runner(self.plan, writer, self.env)
-        return self._runner
+    def runner(self, scenario: str = "inference") -> Runner:
+        """The scenario's runner, created on its first measurement (so collecting alone writes nothing);
+        both scenarios write to the session's one run dir."""
+        if scenario not in self._runners:
+            if self._writer is None:
+                self._writer = RunWriter(self.reports_dir, self.env, self.run_id)
+            plan = Plan(self.plan.selection, replace(self.plan.options, scenario=scenario), self.plan.models)
+            self._runners[scenario] = Runner(plan, self._writer, self.env)
+        return self._runners[scenario]
 
     @property
     def run_dir(self) -> Path | None:
-        return self._runner.writer.path if self._runner else None
+        return self._writer.path if self._writer else None
 
-    def record_for(self, combo: Combo) -> Record:
-        """The combination's record, measured once per session (on disk before this returns)."""
-        if combo not in self.records:
-            self.records[combo] = self.runner.run_combo(combo)
-        return self.records[combo]
+    def record_for(self, combo: Combo, scenario: str = "inference") -> Record:
+        """The combination's record in `scenario`, measured once per session (on disk before this returns)."""
+        if (combo, scenario) not in self.records:
+            self.records[(combo, scenario)] = self.runner(scenario).run_combo(combo)
+        return self.records[(combo, scenario)]
 
     def budgets_for(self, model: str) -> dict[str, float]:
         return self.matrix_file.budgets_for(model) if self.matrix_file else {}
@@ -171,10 +175,12 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "prefill": ("prefill_tok_s_samples", "tokens_per_second"),
     "decode": ("decode_tok_s_samples", "tokens_per_second"),
     "encode": ("encode_samples_s_samples", "sequences_per_second"),
+    "train_step": ("train_step_s_samples", "seconds"),  # forward + backward + optimizer step
 }
 # pytest-benchmark extra_info: who, every declared metric (harness.records.METRICS), and its context
 EXTRA_INFO_FIELDS = (
-    "model", "framework", "precision", "family", "device", "env_id", "hardware_id",
+    "model", "framework", "precision", "family", "device", "scenario", "lora_method", "lora_rank", "env_id",
+    "hardware_id",
     *METRICS,
     "peak_rss_anon_bytes", "rss_file_bytes", "decode_roofline_tok_s", "memory_bandwidth_bytes_s",
     "reference_precision", "reference_model", "storage_dtype", "compute_dtype", "contended",
@@ -218,10 +224,8 @@ def harness_session(request: pytest.FixtureRequest) -> HarnessSession:
     return session
 
 
-@pytest.fixture
-def harness_record(harness_combo: Combo, harness_session: HarnessSession) -> dict[str, Any]:
-    """The combination's record; skips with the matrix rule's reason, fails with the worker's error."""
-    record = harness_session.record_for(harness_combo)
+def _checked(record: Record) -> dict[str, Any]:
+    """The record as a dict; skips with the matrix rule's reason, fails with the worker's error."""
     if record.status == "skipped":
         pytest.skip(record.skip_reason or "unsupported")
     if record.status == "failed":
@@ -230,14 +234,36 @@ def harness_record(harness_combo: Combo, harness_session: HarnessSession) -> dic
 
 
 @pytest.fixture
-def combo_benchmark(request: pytest.FixtureRequest, benchmark: Any, harness_record: dict[str, Any]):
-    """`combo_benchmark("decode")` stores that operation's worker-measured samples in pytest-benchmark."""
+def harness_record(harness_combo: Combo, harness_session: HarnessSession) -> dict[str, Any]:
+    """The combination's inference record; skips with the matrix rule's reason, fails with the worker's error."""
+    return _checked(harness_session.record_for(harness_combo))
+
+
+@pytest.fixture
+def finetune_record(harness_combo: Combo, harness_session: HarnessSession) -> dict[str, Any]:
+    """The combination's finetune-scenario record (a training run in its own workers), like harness_record."""
+    return _checked(harness_session.record_for(harness_combo, "finetune"))
+
+
+def _replayer(request: pytest.FixtureRequest, benchmark: Any, record: dict[str, Any]) -> Any:
     marker = request.node.get_closest_marker("benchmark")
     clock = marker.kwargs.get("timer") if marker else None
     if not isinstance(clock, ReplayClock):
-        raise RuntimeError("combo_benchmark needs the ReplayClock the harness plugin attaches at collection")
+        raise RuntimeError("a harness benchmark fixture needs the ReplayClock the plugin attaches at collection")
 
     def run(operation: str) -> None:
-        replay_benchmark(benchmark, clock, harness_record, operation)
+        replay_benchmark(benchmark, clock, record, operation)
 
     return run
+
+
+@pytest.fixture
+def combo_benchmark(request: pytest.FixtureRequest, benchmark: Any, harness_record: dict[str, Any]):
+    """`combo_benchmark("decode")` stores that operation's worker-measured samples in pytest-benchmark."""
+    return _replayer(request, benchmark, harness_record)
+
+
+@pytest.fixture
+def finetune_benchmark(request: pytest.FixtureRequest, benchmark: Any, finetune_record: dict[str, Any]):
+    """`finetune_benchmark("train_step")`: the training steps' worker-measured samples in pytest-benchmark."""
+    return _replayer(request, benchmark, finetune_record)

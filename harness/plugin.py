@@ -18,12 +18,16 @@ from harness.fixtures import (  # noqa: F401 - the fixtures are registered by be
     ReplayClock,
     combo_benchmark,
     combo_param,
+    finetune_benchmark,
+    finetune_record,
     harness_record,
     harness_session,
 )
 from harness.registry import FRAMEWORKS, PRECISIONS
 
 BENCHMARK_MARK = "harness_benchmark"
+FINETUNE_MARK = "finetune"  # the finetune scenario's suite (suites/test_finetune.py)
+REPLAY_FIXTURES = ("combo_benchmark", "finetune_benchmark")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,10 +49,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reports-dir", type=Path, help="where run dirs go (default: <rootdir>/reports)")
     group.addoption("--run-id", help="name of this run's dir (default: UTC timestamp)")
     group.addoption("--shard", metavar="I/N", help="run only shard I of N of the matrix (balanced by model size)")
+    group.addoption(
+        "--scenario",
+        choices=("inference", "finetune"),
+        help="finetune: run only the fine-tuning suite (like -m finetune); its settings come from the matrix "
+        "file's [options] (seq_len, lora_rank, train_steps, ...)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{BENCHMARK_MARK}: a measurement suite test, run only with --benchmark")
+    config.addinivalue_line(
+        "markers", f"{FINETUNE_MARK}: a fine-tuning suite test, run with -m finetune or --scenario finetune"
+    )
     if config.getoption("--benchmark") and getattr(config.option, "numprocesses", None):
         raise pytest.UsageError(
             "--benchmark cannot run under pytest-xdist (-n): pytest-benchmark disables itself there; drop -n"
@@ -85,7 +98,13 @@ def _uses_harness(config: pytest.Config) -> bool:
         or config.getoption("--models")
         or config.getoption("--benchmark")
         or config.getoption("--shard")
+        or config.getoption("--scenario")
     )
+
+
+def _wants_finetune(config: pytest.Config) -> bool:
+    """The fine-tuning suite runs when asked for: --scenario finetune, or a -m expression naming it."""
+    return config.getoption("--scenario") == "finetune" or FINETUNE_MARK in (config.getoption("markexpr") or "")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -100,15 +119,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Attach a replay clock to timed tests; without --benchmark, deselect the measurement suites."""
+    """Attach a replay clock to timed tests; without --benchmark, deselect the measurement suites; the
+    fine-tuning suite only when asked for (and then only it, with --scenario finetune)."""
     for item in items:
-        if "combo_benchmark" in getattr(item, "fixturenames", ()):
+        if any(name in getattr(item, "fixturenames", ()) for name in REPLAY_FIXTURES):
             item.add_marker(pytest.mark.benchmark(timer=ReplayClock()))
-    if config.getoption("--benchmark"):
-        return
+    benchmark, finetune = config.getoption("--benchmark"), _wants_finetune(config)
+    only_finetune = config.getoption("--scenario") == "finetune"
     keep, drop = [], []
     for item in items:
-        (drop if item.get_closest_marker(BENCHMARK_MARK) else keep).append(item)
+        is_finetune = item.get_closest_marker(FINETUNE_MARK) is not None
+        dropped = (
+            (not benchmark and item.get_closest_marker(BENCHMARK_MARK) is not None)
+            or (is_finetune and not finetune)
+            or (only_finetune and not is_finetune)
+        )
+        (drop if dropped else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -140,6 +140,10 @@ class Runner:
     def __post_init__(self) -> None:
         self.capabilities = Capabilities.detect(self.env)
         preload = {} if self.env.gpus else quantizer_preload(self.plan.selection.precisions)
+        if not self.env.gpus and self.plan.options.scenario == "finetune":
+            for name, framework in FRAMEWORKS.items():  # peft, once in the forkserver rather than per worker
+                if framework.trainer and framework.start_method == "forkserver":
+                    preload[name] = (*preload.get(name, ()), *framework.trainer_packages)
         self.launcher = Launcher(extra_preload=preload)
         self._models: dict[str, ModelSource] = {}
         self._import_s: dict[str, float | None] = {}

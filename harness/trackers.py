@@ -212,8 +212,9 @@ class MemoryWatchdog:
     runs on the polling thread and must end the process.
     """
 
-    def __init__(self, limit_bytes: int, on_breach: Callable[[int, int], None], interval_s: float = 0.002) -> None:
+    def __init__(self, limit_bytes: int, on_breach: Callable[[int, int, str], None], interval_s: float = 0.002) -> None:
         self.limit_bytes = limit_bytes
+        self.phase = "start"  # what the worker is doing (set through enter_phase): the breach names it
         self.baseline_bytes = proc_status()["VmRSS"]
         self.on_breach = on_breach
         self.interval_s = interval_s
@@ -228,8 +229,11 @@ class MemoryWatchdog:
         while not self._stop.wait(self.interval_s):
             rss = proc_status()["VmRSS"]
             if rss > self.ceiling_bytes:
-                self.on_breach(rss, self.ceiling_bytes)
+                self.on_breach(rss, self.ceiling_bytes, self.phase)
                 return
+
+    def enter_phase(self, name: str) -> None:
+        self.phase = name
 
     def start(self) -> MemoryWatchdog:
         self._thread.start()

@@ -144,6 +144,16 @@ def _quantized_linear_classes(compute_dtype: Any, int8: bool) -> Any:
     return SimulatedQuantizedLinear
 
 
+def enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    """transformers' activation checkpointing (`activation_checkpointing_enable` from 5.25; the older
+    `gradient_checkpointing_enable` before it)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _adamw8bit_state_bytes(numels: list[int]) -> int:
     total = 0
     for numel in numels:
@@ -209,7 +219,7 @@ def _simulate(
                     upcast += parameter.numel() * 2
                     module._parameters[name] = nn.Parameter(parameter.data.float(), requires_grad=False)
     if gradient_checkpointing:  # non-reentrant, as the trainer runs it (peft then adds no input-grad hook)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     if method != "full":
         from peft import LoraConfig, get_peft_model
 

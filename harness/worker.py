@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -100,8 +101,9 @@ def _quiet_libraries() -> None:
         pass
 
 
-def run_job(job: WorkerJob) -> dict[str, Any]:
-    """Load and measure one combination; returns record fields."""
+def run_job(job: WorkerJob, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load and measure one combination; returns record fields. `on_phase(name)` hears each phase
+    the finetune scenario enters (the memory watchdog names it when it ends the worker)."""
     from harness.backends import LoadSpec, backend_for
     from harness.measure import measure_load
 
@@ -131,7 +133,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
 
         if job.mode == "adapter":
             return adapter_fields(backend, job)
-        return finetune_fields(backend, job, eval_ids) | {"worker_pid": os.getpid()}
+        return finetune_fields(backend, job, eval_ids, on_phase) | {"worker_pid": os.getpid()}
     if job.mode == "cold":
         return cold_load_fields(backend, spec.kind, eval_ids)
     fields = measure_load(backend, spec.kind, eval_ids)
@@ -205,10 +207,11 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     if job.options.memory_limit_bytes:
         from harness.trackers import MemoryWatchdog
 
-        def breach(rss: int, ceiling: int) -> None:
+        def breach(rss: int, ceiling: int, phase: str) -> None:
             error = (
                 f"resident memory {rss / MIB:.0f} MiB passed --memory-limit "
                 f"({ceiling / MIB:.0f} MiB = baseline + {job.options.memory_limit_bytes / MIB:.0f} MiB)"
+                + (f" in the {phase} phase" if phase != "start" else "")
             )
             print(f"harness: {error}", file=sys.stderr)
             _send(conn, {"ok": False, "error_kind": "oom", "error": error}, started_at)
@@ -216,7 +219,7 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
 
         watchdog = MemoryWatchdog(job.options.memory_limit_bytes, breach).start()
     try:
-        fields = run_job(job)
+        fields = run_job(job, watchdog.enter_phase if watchdog is not None else None)
         message: dict[str, Any] = {"ok": True, "fields": fields}
     except BaseException as exc:
         import traceback

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peft  # imported with this module, before the worker's memory baseline
 import torch
 
 from harness.backends.pytorch import PyTorchBackend
 from harness.finetune import TrainSettings, TrainSetup, unique_storage_bytes
+from harness.trainplan import enable_checkpointing
 
 
 class PeftTrainer:
@@ -41,27 +43,23 @@ class PeftTrainer:
         settings, model = self.settings, self.backend.model
         upcast = 0
         if settings.method == "kbit":
-            from peft import prepare_model_for_kbit_training
-
             before = unique_storage_bytes(model.parameters())
-            model = prepare_model_for_kbit_training(
+            model = peft.prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=settings.gradient_checkpointing,
                 gradient_checkpointing_kwargs=self._gradient_checkpointing_kwargs(),
             )
             upcast = unique_storage_bytes(model.parameters()) - before
         elif settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self._gradient_checkpointing_kwargs())
+            enable_checkpointing(model, self._gradient_checkpointing_kwargs())
         if settings.method == "full":
             for parameter in model.parameters():
                 parameter.requires_grad_(True)
             trainable, total = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters())
         else:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules="all-linear",
+            config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules="all-linear",
                                 lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
-            model = get_peft_model(model, config)
+            model = peft.get_peft_model(model, config)
             trainable, total = model.get_nb_trainable_parameters()
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -126,9 +124,7 @@ class PeftTrainer:
 
     def load_adapter(self, directory: Path) -> None:
         """Attach a saved adapter to the backend's freshly loaded base model (inference only)."""
-        from peft import PeftModel
-
-        self.model = PeftModel.from_pretrained(self.backend.model, str(directory), is_trainable=False)
+        self.model = peft.PeftModel.from_pretrained(self.backend.model, str(directory), is_trainable=False)
 
     def merge(self) -> None:
         """Fold the adapter into the base weights (peft's merge_and_unload); quantized bases requantize."""

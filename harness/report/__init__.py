@@ -8,6 +8,7 @@ from pathlib import Path
 from harness.report import cost, document, plots, regress, stacks
 from harness.report import formats as writers
 from harness.report import history as nightly
+from harness.report.finetune import finetune_section
 from harness.report.frame import load_frame
 from harness.report.pareto import add_frontiers
 from harness.report.recommend import recommend
@@ -31,8 +32,9 @@ def write_report(
     given); `prices`: a TOML price per hardware label (cost columns). summary.md says what changed."""
     writers.check_formats(formats)
     runs = [Path(r) for r in runs]
-    frame, notes = load_frame(runs)
-    frame = add_frontiers(frame)
+    everything, notes = load_frame(runs)
+    training = everything[everything["scenario"] == "finetune"]
+    frame = add_frontiers(everything[everything["scenario"] != "finetune"].reset_index(drop=True))
     price_table = cost.load_prices(prices) if prices is not None else {}
     if price_table:
         frame = cost.add_costs(frame, price_table)
@@ -44,11 +46,15 @@ def write_report(
     regression, comparisons, base = [], None, None
     if baseline is not None:
         base, _ = load_frame([Path(baseline)])
-        comparisons = regress.compare_runs(frame, base)
-        only = regress.unmatched(frame, base)
+        comparisons = regress.compare_runs(everything, base)  # both scenarios: training steps are sampled too
+        only = regress.unmatched(everything, base)
         regression = document.regression_section(comparisons, Path(baseline), only, fail_on_regression_pct)
-    recommendations = recommend(frame, budget_bytes, quality_tolerance)
-    blocks = document.build(frame, runs, images, recommendations, notes, regression)
+    if frame.empty and not training.empty:  # the finetune scenario alone: no inference sections
+        blocks = [*document.overview(everything, runs), *finetune_section(training, out, budget_bytes), *regression]
+    else:
+        recommendations = recommend(frame, budget_bytes, quality_tolerance)
+        blocks = document.build(frame, runs, images, recommendations, notes, regression)
+        blocks += finetune_section(training, out, budget_bytes)
     blocks += stacks.stacks_section(frame)
     if price_table:
         blocks += cost.cost_section(frame, quality_tolerance)
@@ -65,7 +71,7 @@ def write_report(
     written = writers.write_document(blocks, out, formats, title=f"harness report: {', '.join(r.name for r in runs)}")
     for name in ("csv", "parquet"):
         if name in formats:
-            written.append(writers.write_frame(frame, out / f"report.{name}"))
+            written.append(writers.write_frame(everything, out / f"report.{name}"))
             if comparisons is not None:
                 written.append(writers.write_frame(comparisons, out / f"regressions.{name}"))
     print(f"report: {', '.join(str(p) for p in written)}")

@@ -15,10 +15,14 @@ from harness.report.tables import Table, comparison_tables, compatibility_matrix
 def overview(frame: pd.DataFrame, runs: list[Path]) -> list[Block]:
     counts = frame["status"].value_counts().to_dict()
     status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "failed", "skipped"))
-    machines = [
-        f"{label}: runs {', '.join(sorted(set(g['run_id'].astype(str))))}"
-        for label, g in frame.groupby("hardware", sort=True)
-    ]
+    machines = (
+        [
+            f"{label}: runs {', '.join(sorted(set(g['run_id'].astype(str))))}"
+            for label, g in frame.groupby("hardware", sort=True)
+        ]
+        if "hardware" in frame
+        else []
+    )
     return [
         Heading("Benchmark report", 1),
         Text(f"{len(frame)} combinations ({status}) from {', '.join(map(str, runs))}."),

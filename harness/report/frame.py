@@ -15,9 +15,10 @@ from harness.records import METRICS, SCHEMA_VERSION, Metric, Record
 from harness.registry import family_of, precision_order
 from harness.storage import find_run_dirs, read_environment, read_records, results_file
 
-# A combination on one machine with one software stack: different stacks are never duplicates.
-KEY = ["model", "framework", "precision", "device", "hardware_id", "stack"]
-GROUP = ["model", "framework", "device", "hardware_id", "stack"]  # rows sharing one reference precision
+# A combination on one machine with one software stack, in one scenario (a LoRA rank of the finetune
+# scenario is its own row): different stacks are never duplicates.
+KEY = ["model", "framework", "precision", "device", "hardware_id", "stack", "scenario", "lora_rank"]
+GROUP = ["model", "framework", "device", "hardware_id", "stack", "scenario"]  # rows sharing one reference precision
 STACK_LIBRARIES = (
     "torch", "transformers", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "tensorflow", "tensorflow-cpu",
     "keras", "keras-hub", "jax", "llama-cpp-python",
