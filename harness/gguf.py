@@ -8,8 +8,11 @@ it took to make and how often it was reused.
 
 llama-cpp-python ships no converter in its wheel; its source distribution does
 (vendor/llama.cpp/convert_hf_to_gguf.py with the `conversion` package and `gguf-py` beside it).
-`converter_script` finds it: $HARNESS_GGUF_CONVERTER, else a copy extracted earlier into the
-cache, else one extracted now from the sdist ($HARNESS_LLAMACPP_SDIST, else `pip download`).
+`harness setup llamacpp` (`install_converter`) installs it once, at setup and never in a worker:
+it extracts those parts of the installed version's sdist ($HARNESS_LLAMACPP_SDIST, else one
+`pip download` with a timeout) into `<cache>/converter/<version>` and records how long that took.
+`converter_script` only finds it ($HARNESS_GGUF_CONVERTER first) and fails fast, naming the setup
+command, where it is missing.
 
 Nothing here imports llama_cpp at module level: it is imported where a function needs it.
 """
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -130,40 +134,144 @@ def extract_converter(sdist: Path, dest: Path) -> Path:
     return dest / "convert_hf_to_gguf.py"
 
 
-def _download_sdist(version: str, into: Path) -> Path:
-    """llama-cpp-python's sdist through pip (pip's own cache first)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(into)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not found:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConversionError(
-            f"llama.cpp's converter is not installed and the llama-cpp-python {version} sdist could not be "
-            f"downloaded ({last}); set ${SDIST_ENV} to the sdist or ${CONVERTER_ENV} to convert_hf_to_gguf.py"
-        )
-    return found[0]
+class ConverterMissing(ConversionError):
+    """llama.cpp's converter is not installed for this llama-cpp-python version."""
+
+
+INSTALL_RECORD = "harness-install.json"  # beside the installed converter: how and how fast it was installed
+SETUP_COMMAND = "harness setup llamacpp"
+DOWNLOAD_TIMEOUT_S = 600.0
+
+
+def converter_dir(version: str | None = None) -> Path:
+    """Where `install_converter` puts the converter of llama-cpp-python `version` (default: the installed one)."""
+    return cache_root() / "converter" / (version or llama_cpp_version())
 
 
 def converter_script(version: str | None = None) -> Path:
-    """Path of a convert_hf_to_gguf.py from the same llama.cpp as the installed llama-cpp-python."""
+    """Path of the installed convert_hf_to_gguf.py from the same llama.cpp as the installed
+    llama-cpp-python ($HARNESS_GGUF_CONVERTER first). Never downloads: ConverterMissing names the fix."""
     if os.environ.get(CONVERTER_ENV):
         script = Path(os.environ[CONVERTER_ENV]).expanduser()
         if not script.is_file():
             raise ConversionError(f"${CONVERTER_ENV}={script} is not a file")
         return script
     version = version or llama_cpp_version()
-    dest = cache_root() / "converter" / version
-    script = dest / "convert_hf_to_gguf.py"
+    script = converter_dir(version) / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
-    with _locked(cache_root() / "converter" / f".{version}.lock"):
+    raise ConverterMissing(
+        f"llama.cpp's converter for llama-cpp-python {version} is not installed in {script.parent}: run "
+        f"`{SETUP_COMMAND}` once (offline: set ${SDIST_ENV} to the llama-cpp-python {version} sdist first), "
+        f"or set ${CONVERTER_ENV} to a convert_hf_to_gguf.py"
+    )
+
+
+def _run_killable(command: list[str], timeout_s: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """subprocess.run in its own session; on timeout the whole process group (pip's build helpers
+    too) is killed and TimeoutExpired raised."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def download_sdist(version: str, into: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """llama-cpp-python's sdist through `pip download` (pip's own cache and index settings), within `timeout_s`."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={version}", "-d", str(into)]  # fmt: skip
+    try:
+        done = _run_killable(command, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ConversionError(
+            f"`pip download llama-cpp-python=={version}` did not finish in {timeout_s:g} s; "
+            f"retry with a longer --timeout, or set ${SDIST_ENV} to the sdist"
+        ) from None
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not found:
+        raise ConversionError(
+            f"the llama-cpp-python {version} sdist could not be downloaded ({_last_error_line(done.stderr)}); "
+            f"set ${SDIST_ENV} to the sdist, or ${CONVERTER_ENV} to a convert_hf_to_gguf.py"
+        )
+    return found[0]
+
+
+@dataclass(frozen=True)
+class ConverterInstall:
+    """What `install_converter` did."""
+
+    script: Path
+    source: str  # where it came from: the sdist's path, "pip download", or $HARNESS_GGUF_CONVERTER
+    install_s: float  # seconds the install took (download, extraction and the import check), when it was made
+    installed_now: bool  # False: an earlier install (or $HARNESS_GGUF_CONVERTER) was found
+
+
+def check_converter(script: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Run the converter's own `--print-supported-models` with this interpreter: it imports every
+    module a conversion needs (torch, transformers, gguf-py, ...). ConversionError with the missing piece."""
+    try:
+        done = _run_killable([sys.executable, str(script), "--print-supported-models"], timeout_s,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"{script} --print-supported-models did not finish in {timeout_s:g} s") from None
+    if done.returncode != 0:
+        raise ConversionError(
+            f"{script} does not run here ({_last_error_line(done.stderr)}); install its dependencies: "
+            "pip install 'harness[llamacpp]'"
+        )
+
+
+def install_converter(version: str | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> ConverterInstall:
+    """Install llama.cpp's converter for llama-cpp-python `version` (default: the installed one) into
+    `converter_dir`, once: from $HARNESS_LLAMACPP_SDIST, else one `pip download` bounded by
+    `timeout_s`; then check that it runs. Records the seconds in <dir>/harness-install.json.
+    Setup only: workers never download (converter_script)."""
+    if os.environ.get(CONVERTER_ENV):
+        script = converter_script(version)
+        check_converter(script, timeout_s)
+        return ConverterInstall(script, f"${CONVERTER_ENV}", 0.0, False)
+    version = version or llama_cpp_version()
+    dest = converter_dir(version)
+    script = dest / "convert_hf_to_gguf.py"
+    record = dest / INSTALL_RECORD
+    with _locked(dest.parent / f".{version}.lock"):
         if script.is_file():
-            return script
+            made = json.loads(record.read_text()) if record.is_file() else {}
+            return ConverterInstall(script, made.get("source", "an earlier install"), made.get("install_s", 0.0), False)
+        start = time.perf_counter()
         if os.environ.get(SDIST_ENV):
-            return extract_converter(Path(os.environ[SDIST_ENV]).expanduser(), dest)
-        with tempfile.TemporaryDirectory(prefix="harness-sdist-") as tmp:
-            return extract_converter(_download_sdist(version, Path(tmp)), dest)
+            sdist = Path(os.environ[SDIST_ENV]).expanduser()
+            if not sdist.is_file():
+                raise ConversionError(f"${SDIST_ENV}={sdist} is not a file")
+            source = str(sdist)
+            extract_converter(sdist, dest)
+        else:
+            source = "pip download"
+            with tempfile.TemporaryDirectory(prefix="harness-sdist-") as tmp:
+                extract_converter(download_sdist(version, Path(tmp), timeout_s), dest)
+        try:
+            check_converter(script, timeout_s)
+        except ConversionError:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        _write_json(record, {"llama_cpp_python": version, "source": source, "install_s": seconds,
+                             "installed_unix": time.time()})  # fmt: skip
+    return ConverterInstall(script, source, seconds, True)
+
+
+def setup(timeout_s: float = DOWNLOAD_TIMEOUT_S) -> str:
+    """The registry's setup hook (`harness setup llamacpp`): install the converter; one line on what was done."""
+    done = install_converter(timeout_s=timeout_s)
+    if done.installed_now:
+        return f"llama.cpp converter installed from {done.source} in {done.install_s:.1f} s: {done.script}"
+    return f"llama.cpp converter already installed ({done.source}, took {done.install_s:.1f} s then): {done.script}"
 
 
 # --- making the files ---------------------------------------------------------------------------

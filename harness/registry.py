@@ -51,6 +51,8 @@ class Framework:
     # "module:function"(model_type, kind) -> why this framework cannot load such a model, or None
     model_support: str | None = None
     null_field_reasons: Mapping[str, str] = field(default_factory=dict)  # fields it never reports, and why
+    # "module:function"(timeout_s) -> one line: what `harness setup <name>` installs once, beyond pip
+    setup: str | None = None
     default: bool = False  # part of the default matrix
     reference: bool = False  # quality references are measured in this framework
 
@@ -187,6 +189,7 @@ _LLAMACPP = Framework(
     no_cuda_build_reason="this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on",
     model_support="harness.backends.llamacpp:unsupported_reason",
     null_field_reasons={"roundtrip_max_abs_diff": "GGUF files are the serialized form"},
+    setup="harness.gguf:setup",  # llama.cpp's converter (convert_hf_to_gguf.py), from the llama-cpp-python sdist
 )
 
 # --- precisions -----------------------------------------------------------------------------------
