@@ -293,26 +293,38 @@ def _last_error_line(stderr: str) -> str:
 
 # Runs the converter as its own __main__, with one change: a byte-level BPE tokenizer whose
 # pre-tokenizer hash the converter does not list (it knows published models' tokenizers by the hash
-# of their output on a test text) gets PRE_TOKENIZER_FALLBACK instead of failing the conversion. The
-# fallback is printed to stderr and recorded; the backend's tokenizer check then decides whether the
-# GGUF vocab really tokenizes like the Hugging Face tokenizer.
+# of their output on a test text) gets a fallback instead of failing the conversion: the llama.cpp
+# pre-tokenizer whose regex the tokenizer's own Split uses (PRE_TOKENIZER_REGEXES), else GPT-2's.
+# The fallback is printed to stderr and recorded; the backend's tokenizer check then decides whether
+# the GGUF vocab really tokenizes like the Hugging Face tokenizer.
 _DRIVER = """
-import runpy, sys
-script, fallback = sys.argv[1], sys.argv[2]
-sys.argv = [script] + sys.argv[3:]
+import json, runpy, sys
+script, fallback, known = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.argv = [script] + sys.argv[4:]
 sys.path[0:0] = [str(__import__("pathlib").Path(script).parent), str(__import__("pathlib").Path(script).parent / "gguf-py")]
 import conversion.base as base
 original = base.TextModel.get_vocab_base_pre
+def split_regexes(tokenizer):
+    try:
+        pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    except Exception:
+        return []
+    return [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
 def get_vocab_base_pre(self, tokenizer):
     try:
         return original(self, tokenizer)
     except NotImplementedError:
-        print("HARNESS_PRE_TOKENIZER_FALLBACK=" + fallback, file=sys.stderr, flush=True)
-        return fallback
+        chosen = next((known[r] for r in split_regexes(tokenizer) if r in known), fallback)
+        print("HARNESS_PRE_TOKENIZER_FALLBACK=" + chosen, file=sys.stderr, flush=True)
+        return chosen
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 runpy.run_path(script, run_name="__main__")
 """
 PRE_TOKENIZER_FALLBACK = "gpt-2"  # llama.cpp's name for GPT-2's byte-level regex split
+# A tokenizer's Split regex -> the llama.cpp pre-tokenizer that splits alike (llama-vocab.cpp).
+PRE_TOKENIZER_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
 FALLBACK_MARKER = "HARNESS_PRE_TOKENIZER_FALLBACK="
 
 
@@ -320,6 +332,36 @@ FALLBACK_MARKER = "HARNESS_PRE_TOKENIZER_FALLBACK="
 class Conversion:
     seconds: float
     pre_tokenizer_fallback: str | None  # set when the converter did not recognize the tokenizer
+    config_fixups: tuple[str, ...] = ()  # what the converter's copy of config.json got beside the checkpoint's
+
+
+def config_fixups(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys the converter needs that transformers 5 no longer writes: GPT-2's `n_ctx`
+    (the converter reads it; transformers 5 writes only `n_positions`, the same number). Empty: none."""
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
+        return {"n_ctx": config["n_positions"]}
+    return {}
+
+
+@contextlib.contextmanager
+def converter_input(hf_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(directory to hand the converter, keys added to its config.json). With fix-ups, a temporary
+    directory of the same name holds links to every file of `hf_dir` and a fixed copy of
+    config.json; the checkpoint itself is never edited."""
+    config_path = hf_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    added = config_fixups(config)
+    if not added:
+        yield hf_dir, {}
+        return
+    with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+        view = Path(tmp) / hf_dir.name  # the converter names the model after its directory
+        view.mkdir()
+        for entry in hf_dir.iterdir():
+            if entry.name != "config.json":
+                (view / entry.name).symlink_to(entry.resolve())
+        (view / "config.json").write_text(json.dumps({**config, **added}, indent=2))
+        yield view, added
 
 
 def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: Path | None = None) -> Conversion:
@@ -330,12 +372,13 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: 
     script = script or converter_script()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    command = [sys.executable, "-c", _DRIVER, str(script), PRE_TOKENIZER_FALLBACK,
-               str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
+    with converter_input(Path(hf_dir)) as (source, added):
+        command = [sys.executable, "-c", _DRIVER, str(script), PRE_TOKENIZER_FALLBACK, json.dumps(PRE_TOKENIZER_REGEXES),
+                   str(source), "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
     if done.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ConversionError(f"convert_hf_to_gguf.py failed on {hf_dir}: {_last_error_line(done.stderr)}")
@@ -343,7 +386,8 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: 
     fallback = next(
         (line.split("=", 1)[1] for line in done.stderr.splitlines() if line.startswith(FALLBACK_MARKER)), None
     )
-    return Conversion(seconds, fallback)
+    fixups = tuple(f"{key}={value}" for key, value in added.items())
+    return Conversion(seconds, fallback, fixups)
 
 
 @contextlib.contextmanager
@@ -420,12 +464,13 @@ def gguf_file(hf_dir: str | Path, precision: str, version: str | None = None) ->
         if precision == BASELINE:
             conversion = convert_to_gguf(hf_dir, path, "f16")
             made = spent = conversion.seconds
-            made_from, fallback = None, conversion.pre_tokenizer_fallback
+            made_from, fallback, fixups = None, conversion.pre_tokenizer_fallback, list(conversion.config_fixups)
         else:
             baseline = gguf_file(hf_dir, BASELINE, version)
             made = quantize_gguf(baseline.path, ftype, path)
             spent = baseline.spent_s + made
             made_from, fallback = baseline.path.name, baseline.sidecar.get("pre_tokenizer_fallback")
+            fixups = baseline.sidecar.get("config_fixups", [])
         types = tensor_types(path)
         sidecar = {
             "sidecar_version": SIDECAR_VERSION,
@@ -436,6 +481,7 @@ def gguf_file(hf_dir: str | Path, precision: str, version: str | None = None) ->
             "llama_cpp_python": version,
             "made_from": made_from,
             "pre_tokenizer_fallback": fallback,
+            "config_fixups": fixups,  # keys the converter's copy of config.json got (GPT-2: n_ctx)
             "made_s": made,
             "made_unix": time.time(),
             "reuse_count": 0,
