@@ -517,7 +517,16 @@ def type_counts(types: dict[str, tuple[str, int]]) -> dict[str, int]:
 
 def header_field(path: str | Path, key: str) -> Any:
     """One metadata value of a GGUF file (e.g. 'general.architecture'), or None."""
+    return header_fields(path, key)[0]
+
+
+def header_fields(path: str | Path, *keys: str) -> list[Any]:
+    """Metadata values of a GGUF file, one header read; a key with `{}` gets the file's architecture
+    ('{}.context_length' -> 'llama.context_length'). None for a key the file lacks."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).get_field(key)
-    return None if field is None else field.contents()
+    reader = GGUFReader(str(path))
+    architecture = reader.get_field("general.architecture")
+    prefix = architecture.contents() if architecture is not None else ""
+    fields = [reader.get_field(key.format(prefix)) for key in keys]
+    return [None if field is None else field.contents() for field in fields]

@@ -171,6 +171,10 @@ _JAX = Framework(
     no_cuda_build_reason="this jax has no CUDA plugin: pip install 'jax[cuda12]'",
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
 )
+_LLAMACPP_NO_ALLOCATOR = (
+    "llama.cpp reports no allocator counters: its weights, KV cache and compute buffers are allocated at load "
+    "and kept (device_process_bytes: what NVML attributes to the worker)"
+)
 _LLAMACPP = Framework(
     name="llamacpp",
     description="llama.cpp through llama-cpp-python, on GGUF files converted and quantized from the checkpoint",
@@ -188,7 +192,11 @@ _LLAMACPP = Framework(
     cuda_build="llamacpp_cuda_build",
     no_cuda_build_reason="this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on",
     model_support="harness.backends.llamacpp:unsupported_reason",
-    null_field_reasons={"roundtrip_max_abs_diff": "GGUF files are the serialized form"},
+    null_field_reasons={
+        "roundtrip_max_abs_diff": "GGUF files are the serialized form",
+        "peak_device_allocated_bytes": _LLAMACPP_NO_ALLOCATOR,
+        "peak_device_reserved_bytes": _LLAMACPP_NO_ALLOCATOR,
+    },
     setup="harness.gguf:setup",  # llama.cpp's converter (convert_hf_to_gguf.py), from the llama-cpp-python sdist
 )
 
