@@ -18,6 +18,11 @@ ENCODER_DECODER_ARCHS: tuple[str, ...] = ("t5", "bart")
 ARCHS: tuple[str, ...] = CAUSAL_ARCHS + ENCODER_DECODER_ARCHS
 SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 LARGE_VOCAB_SIZE = 128_256  # Llama 3's vocabulary
+# Embedding rows beyond the zoo vocabulary, per architecture whose transformers 5 tokenizer class adds
+# tokens when it loads the zoo tokenizer: Qwen2Tokenizer adds "<|endoftext|>" (its unk default) as
+# id 1024, which a 1024-row embedding cannot look up (and llama.cpp's converter rejects). Qwen's own
+# checkpoints pad the same way (151,936 rows for 151,665 tokens).
+VOCAB_PADDING: dict[str, int] = {"qwen2": 64}
 
 # Per architecture: config.json values (beside vocab and special ids). Tied and untied
 # embeddings, GQA / MQA / MHA, biases and fused projections are all represented.
@@ -61,12 +66,13 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def arch_config(arch: str, *, vocab_size: int = VOCAB_SIZE, **overrides: Any):
-    """The transformers config object of a small `arch` model."""
+    """The transformers config object of a small `arch` model (vocab_size + VOCAB_PADDING rows)."""
     from transformers import AutoConfig
 
     if arch not in ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}: one of {', '.join(ARCHS)}")
-    values = {**ARCH_CONFIGS[arch], **SPECIAL_IDS, "vocab_size": vocab_size, "initializer_range": 0.1}
+    values = {**ARCH_CONFIGS[arch], **SPECIAL_IDS, "vocab_size": vocab_size + VOCAB_PADDING.get(arch, 0),
+              "initializer_range": 0.1}  # fmt: skip
     values.update(overrides)
     return AutoConfig.for_model(arch, **values)
 
@@ -84,7 +90,13 @@ def _save(model: Any, out: Path, with_tokenizer: bool, max_shard_size: str | Non
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     if with_tokenizer:
+        from transformers import AutoTokenizer
+
         causal_tokenizer().save_pretrained(out)
+        # transformers 5 loads some model types' tokenizers through their own class, which rebuilds the
+        # pipeline from vocab and merges (Qwen2Tokenizer: Qwen's split regex, NFC, "<|endoftext|>" added).
+        # Saved as loaded, tokenizer.json, AutoTokenizer and llama.cpp's converter see one tokenizer.
+        AutoTokenizer.from_pretrained(out).save_pretrained(out)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The `harness` command: run, env, zoo, report.
+"""The `harness` command: run, env, zoo, setup, report.
 
 Exit codes: 0 everything ran or was skipped, 1 some combination failed (or a regression gate
 tripped), 2 usage error. Usage errors print one line that names the fix, never a traceback.
@@ -316,6 +316,28 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+SETUP_FRAMEWORKS = tuple(name for name, framework in FRAMEWORKS.items() if framework.setup)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Install once, outside any worker, what a framework needs beyond pip (the registry's setup hook)."""
+    import importlib.util
+
+    from harness.errors import one_line
+    from harness.registry import load_object
+
+    framework = FRAMEWORKS[args.framework]
+    missing = [p for p in framework.packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise UsageError(f"{args.framework} needs {', '.join(missing)}: pip install 'harness[{framework.extra}]'")
+    try:
+        print(load_object(framework.setup)(timeout_s=args.timeout), flush=True)
+    except Exception as exc:
+        print(f"harness: setup {args.framework} failed: {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
@@ -377,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         "names", nargs="?", help=f"comma list of zoo models to build (default: the zoo), or {', '.join(LARGE_BUILDS)}"
     )
     zoo.set_defaults(func=cmd_zoo)
+
+    setup = commands.add_parser(
+        "setup",
+        help="install, once and outside any worker, what a framework needs beyond pip (llamacpp: its converter)",
+    )
+    setup.add_argument("framework", choices=SETUP_FRAMEWORKS)
+    setup.add_argument("--timeout", type=float, default=600.0, help="seconds for a download (default 600)")
+    setup.set_defaults(func=cmd_setup)
 
     report = commands.add_parser("report", help="compare runs: tables, frontier, recommendation, regressions")
     report.add_argument("runs", nargs="*", help="run dirs (default reports/latest)")

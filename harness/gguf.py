@@ -8,8 +8,11 @@ it took to make and how often it was reused.
 
 llama-cpp-python ships no converter in its wheel; its source distribution does
 (vendor/llama.cpp/convert_hf_to_gguf.py with the `conversion` package and `gguf-py` beside it).
-`converter_script` finds it: $HARNESS_GGUF_CONVERTER, else a copy extracted earlier into the
-cache, else one extracted now from the sdist ($HARNESS_LLAMACPP_SDIST, else `pip download`).
+`harness setup llamacpp` (`install_converter`) installs it once, at setup and never in a worker:
+it extracts those parts of the installed version's sdist ($HARNESS_LLAMACPP_SDIST, else one
+`pip download` with a timeout) into `<cache>/converter/<version>` and records how long that took.
+`converter_script` only finds it ($HARNESS_GGUF_CONVERTER first) and fails fast, naming the setup
+command, where it is missing.
 
 Nothing here imports llama_cpp at module level: it is imported where a function needs it.
 """
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -130,40 +134,144 @@ def extract_converter(sdist: Path, dest: Path) -> Path:
     return dest / "convert_hf_to_gguf.py"
 
 
-def _download_sdist(version: str, into: Path) -> Path:
-    """llama-cpp-python's sdist through pip (pip's own cache first)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(into)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not found:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConversionError(
-            f"llama.cpp's converter is not installed and the llama-cpp-python {version} sdist could not be "
-            f"downloaded ({last}); set ${SDIST_ENV} to the sdist or ${CONVERTER_ENV} to convert_hf_to_gguf.py"
-        )
-    return found[0]
+class ConverterMissing(ConversionError):
+    """llama.cpp's converter is not installed for this llama-cpp-python version."""
+
+
+INSTALL_RECORD = "harness-install.json"  # beside the installed converter: how and how fast it was installed
+SETUP_COMMAND = "harness setup llamacpp"
+DOWNLOAD_TIMEOUT_S = 600.0
+
+
+def converter_dir(version: str | None = None) -> Path:
+    """Where `install_converter` puts the converter of llama-cpp-python `version` (default: the installed one)."""
+    return cache_root() / "converter" / (version or llama_cpp_version())
 
 
 def converter_script(version: str | None = None) -> Path:
-    """Path of a convert_hf_to_gguf.py from the same llama.cpp as the installed llama-cpp-python."""
+    """Path of the installed convert_hf_to_gguf.py from the same llama.cpp as the installed
+    llama-cpp-python ($HARNESS_GGUF_CONVERTER first). Never downloads: ConverterMissing names the fix."""
     if os.environ.get(CONVERTER_ENV):
         script = Path(os.environ[CONVERTER_ENV]).expanduser()
         if not script.is_file():
             raise ConversionError(f"${CONVERTER_ENV}={script} is not a file")
         return script
     version = version or llama_cpp_version()
-    dest = cache_root() / "converter" / version
-    script = dest / "convert_hf_to_gguf.py"
+    script = converter_dir(version) / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
-    with _locked(cache_root() / "converter" / f".{version}.lock"):
+    raise ConverterMissing(
+        f"llama.cpp's converter for llama-cpp-python {version} is not installed in {script.parent}: run "
+        f"`{SETUP_COMMAND}` once (offline: set ${SDIST_ENV} to the llama-cpp-python {version} sdist first), "
+        f"or set ${CONVERTER_ENV} to a convert_hf_to_gguf.py"
+    )
+
+
+def _run_killable(command: list[str], timeout_s: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """subprocess.run in its own session; on timeout the whole process group (pip's build helpers
+    too) is killed and TimeoutExpired raised."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def download_sdist(version: str, into: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """llama-cpp-python's sdist through `pip download` (pip's own cache and index settings), within `timeout_s`."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={version}", "-d", str(into)]  # fmt: skip
+    try:
+        done = _run_killable(command, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ConversionError(
+            f"`pip download llama-cpp-python=={version}` did not finish in {timeout_s:g} s; "
+            f"retry with a longer --timeout, or set ${SDIST_ENV} to the sdist"
+        ) from None
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not found:
+        raise ConversionError(
+            f"the llama-cpp-python {version} sdist could not be downloaded ({_last_error_line(done.stderr)}); "
+            f"set ${SDIST_ENV} to the sdist, or ${CONVERTER_ENV} to a convert_hf_to_gguf.py"
+        )
+    return found[0]
+
+
+@dataclass(frozen=True)
+class ConverterInstall:
+    """What `install_converter` did."""
+
+    script: Path
+    source: str  # where it came from: the sdist's path, "pip download", or $HARNESS_GGUF_CONVERTER
+    install_s: float  # seconds the install took (download, extraction and the import check), when it was made
+    installed_now: bool  # False: an earlier install (or $HARNESS_GGUF_CONVERTER) was found
+
+
+def check_converter(script: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Run the converter's own `--print-supported-models` with this interpreter: it imports every
+    module a conversion needs (torch, transformers, gguf-py, ...). ConversionError with the missing piece."""
+    try:
+        done = _run_killable([sys.executable, str(script), "--print-supported-models"], timeout_s,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"{script} --print-supported-models did not finish in {timeout_s:g} s") from None
+    if done.returncode != 0:
+        raise ConversionError(
+            f"{script} does not run here ({_last_error_line(done.stderr)}); install its dependencies: "
+            "pip install 'harness[llamacpp]'"
+        )
+
+
+def install_converter(version: str | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> ConverterInstall:
+    """Install llama.cpp's converter for llama-cpp-python `version` (default: the installed one) into
+    `converter_dir`, once: from $HARNESS_LLAMACPP_SDIST, else one `pip download` bounded by
+    `timeout_s`; then check that it runs. Records the seconds in <dir>/harness-install.json.
+    Setup only: workers never download (converter_script)."""
+    if os.environ.get(CONVERTER_ENV):
+        script = converter_script(version)
+        check_converter(script, timeout_s)
+        return ConverterInstall(script, f"${CONVERTER_ENV}", 0.0, False)
+    version = version or llama_cpp_version()
+    dest = converter_dir(version)
+    script = dest / "convert_hf_to_gguf.py"
+    record = dest / INSTALL_RECORD
+    with _locked(dest.parent / f".{version}.lock"):
         if script.is_file():
-            return script
+            made = json.loads(record.read_text()) if record.is_file() else {}
+            return ConverterInstall(script, made.get("source", "an earlier install"), made.get("install_s", 0.0), False)
+        start = time.perf_counter()
         if os.environ.get(SDIST_ENV):
-            return extract_converter(Path(os.environ[SDIST_ENV]).expanduser(), dest)
-        with tempfile.TemporaryDirectory(prefix="harness-sdist-") as tmp:
-            return extract_converter(_download_sdist(version, Path(tmp)), dest)
+            sdist = Path(os.environ[SDIST_ENV]).expanduser()
+            if not sdist.is_file():
+                raise ConversionError(f"${SDIST_ENV}={sdist} is not a file")
+            source = str(sdist)
+            extract_converter(sdist, dest)
+        else:
+            source = "pip download"
+            with tempfile.TemporaryDirectory(prefix="harness-sdist-") as tmp:
+                extract_converter(download_sdist(version, Path(tmp), timeout_s), dest)
+        try:
+            check_converter(script, timeout_s)
+        except ConversionError:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        _write_json(record, {"llama_cpp_python": version, "source": source, "install_s": seconds,
+                             "installed_unix": time.time()})  # fmt: skip
+    return ConverterInstall(script, source, seconds, True)
+
+
+def setup(timeout_s: float = DOWNLOAD_TIMEOUT_S) -> str:
+    """The registry's setup hook (`harness setup llamacpp`): install the converter; one line on what was done."""
+    done = install_converter(timeout_s=timeout_s)
+    if done.installed_now:
+        return f"llama.cpp converter installed from {done.source} in {done.install_s:.1f} s: {done.script}"
+    return f"llama.cpp converter already installed ({done.source}, took {done.install_s:.1f} s then): {done.script}"
 
 
 # --- making the files ---------------------------------------------------------------------------
@@ -185,26 +293,38 @@ def _last_error_line(stderr: str) -> str:
 
 # Runs the converter as its own __main__, with one change: a byte-level BPE tokenizer whose
 # pre-tokenizer hash the converter does not list (it knows published models' tokenizers by the hash
-# of their output on a test text) gets PRE_TOKENIZER_FALLBACK instead of failing the conversion. The
-# fallback is printed to stderr and recorded; the backend's tokenizer check then decides whether the
-# GGUF vocab really tokenizes like the Hugging Face tokenizer.
+# of their output on a test text) gets a fallback instead of failing the conversion: the llama.cpp
+# pre-tokenizer whose regex the tokenizer's own Split uses (PRE_TOKENIZER_REGEXES), else GPT-2's.
+# The fallback is printed to stderr and recorded; the backend's tokenizer check then decides whether
+# the GGUF vocab really tokenizes like the Hugging Face tokenizer.
 _DRIVER = """
-import runpy, sys
-script, fallback = sys.argv[1], sys.argv[2]
-sys.argv = [script] + sys.argv[3:]
+import json, runpy, sys
+script, fallback, known = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.argv = [script] + sys.argv[4:]
 sys.path[0:0] = [str(__import__("pathlib").Path(script).parent), str(__import__("pathlib").Path(script).parent / "gguf-py")]
 import conversion.base as base
 original = base.TextModel.get_vocab_base_pre
+def split_regexes(tokenizer):
+    try:
+        pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    except Exception:
+        return []
+    return [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
 def get_vocab_base_pre(self, tokenizer):
     try:
         return original(self, tokenizer)
     except NotImplementedError:
-        print("HARNESS_PRE_TOKENIZER_FALLBACK=" + fallback, file=sys.stderr, flush=True)
-        return fallback
+        chosen = next((known[r] for r in split_regexes(tokenizer) if r in known), fallback)
+        print("HARNESS_PRE_TOKENIZER_FALLBACK=" + chosen, file=sys.stderr, flush=True)
+        return chosen
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 runpy.run_path(script, run_name="__main__")
 """
 PRE_TOKENIZER_FALLBACK = "gpt-2"  # llama.cpp's name for GPT-2's byte-level regex split
+# A tokenizer's Split regex -> the llama.cpp pre-tokenizer that splits alike (llama-vocab.cpp).
+PRE_TOKENIZER_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
 FALLBACK_MARKER = "HARNESS_PRE_TOKENIZER_FALLBACK="
 
 
@@ -212,6 +332,36 @@ FALLBACK_MARKER = "HARNESS_PRE_TOKENIZER_FALLBACK="
 class Conversion:
     seconds: float
     pre_tokenizer_fallback: str | None  # set when the converter did not recognize the tokenizer
+    config_fixups: tuple[str, ...] = ()  # what the converter's copy of config.json got beside the checkpoint's
+
+
+def config_fixups(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json keys the converter needs that transformers 5 no longer writes: GPT-2's `n_ctx`
+    (the converter reads it; transformers 5 writes only `n_positions`, the same number). Empty: none."""
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
+        return {"n_ctx": config["n_positions"]}
+    return {}
+
+
+@contextlib.contextmanager
+def converter_input(hf_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(directory to hand the converter, keys added to its config.json). With fix-ups, a temporary
+    directory of the same name holds links to every file of `hf_dir` and a fixed copy of
+    config.json; the checkpoint itself is never edited."""
+    config_path = hf_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    added = config_fixups(config)
+    if not added:
+        yield hf_dir, {}
+        return
+    with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+        view = Path(tmp) / hf_dir.name  # the converter names the model after its directory
+        view.mkdir()
+        for entry in hf_dir.iterdir():
+            if entry.name != "config.json":
+                (view / entry.name).symlink_to(entry.resolve())
+        (view / "config.json").write_text(json.dumps({**config, **added}, indent=2))
+        yield view, added
 
 
 def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: Path | None = None) -> Conversion:
@@ -222,12 +372,13 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: 
     script = script or converter_script()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    command = [sys.executable, "-c", _DRIVER, str(script), PRE_TOKENIZER_FALLBACK,
-               str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
+    with converter_input(Path(hf_dir)) as (source, added):
+        command = [sys.executable, "-c", _DRIVER, str(script), PRE_TOKENIZER_FALLBACK, json.dumps(PRE_TOKENIZER_REGEXES),
+                   str(source), "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
     if done.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ConversionError(f"convert_hf_to_gguf.py failed on {hf_dir}: {_last_error_line(done.stderr)}")
@@ -235,7 +386,8 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16", script: 
     fallback = next(
         (line.split("=", 1)[1] for line in done.stderr.splitlines() if line.startswith(FALLBACK_MARKER)), None
     )
-    return Conversion(seconds, fallback)
+    fixups = tuple(f"{key}={value}" for key, value in added.items())
+    return Conversion(seconds, fallback, fixups)
 
 
 @contextlib.contextmanager
@@ -312,12 +464,13 @@ def gguf_file(hf_dir: str | Path, precision: str, version: str | None = None) ->
         if precision == BASELINE:
             conversion = convert_to_gguf(hf_dir, path, "f16")
             made = spent = conversion.seconds
-            made_from, fallback = None, conversion.pre_tokenizer_fallback
+            made_from, fallback, fixups = None, conversion.pre_tokenizer_fallback, list(conversion.config_fixups)
         else:
             baseline = gguf_file(hf_dir, BASELINE, version)
             made = quantize_gguf(baseline.path, ftype, path)
             spent = baseline.spent_s + made
             made_from, fallback = baseline.path.name, baseline.sidecar.get("pre_tokenizer_fallback")
+            fixups = baseline.sidecar.get("config_fixups", [])
         types = tensor_types(path)
         sidecar = {
             "sidecar_version": SIDECAR_VERSION,
@@ -328,6 +481,7 @@ def gguf_file(hf_dir: str | Path, precision: str, version: str | None = None) ->
             "llama_cpp_python": version,
             "made_from": made_from,
             "pre_tokenizer_fallback": fallback,
+            "config_fixups": fixups,  # keys the converter's copy of config.json got (GPT-2: n_ctx)
             "made_s": made,
             "made_unix": time.time(),
             "reuse_count": 0,
@@ -363,7 +517,16 @@ def type_counts(types: dict[str, tuple[str, int]]) -> dict[str, int]:
 
 def header_field(path: str | Path, key: str) -> Any:
     """One metadata value of a GGUF file (e.g. 'general.architecture'), or None."""
+    return header_fields(path, key)[0]
+
+
+def header_fields(path: str | Path, *keys: str) -> list[Any]:
+    """Metadata values of a GGUF file, one header read; a key with `{}` gets the file's architecture
+    ('{}.context_length' -> 'llama.context_length'). None for a key the file lacks."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).get_field(key)
-    return None if field is None else field.contents()
+    reader = GGUFReader(str(path))
+    architecture = reader.get_field("general.architecture")
+    prefix = architecture.contents() if architecture is not None else ""
+    fields = [reader.get_field(key.format(prefix)) for key in keys]
+    return [None if field is None else field.contents() for field in fields]

@@ -32,13 +32,23 @@ def release_load_leftovers(backend: Any) -> None:
         page_out_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
 
 
-def checkpoint_bytes(source: str, allow_pickle: bool = False) -> int | None:
-    """Bytes of exactly the weight files from_pretrained reads (a hub id is resolved to its local snapshot first)."""
+def loaded_files(backend: Any) -> list[Path]:
+    """The files the backend's load reads, after prepare(): the backend's own `weight_files()` where it
+    has one (llama.cpp: the GGUF file it made), else the checkpoint's weight files, exactly those
+    from_pretrained reads (none for a source that is not a local directory)."""
     from harness.models import weight_files
 
-    if not Path(source).is_dir():
-        return None
-    return sum(p.stat().st_size for p in weight_files(source, allow_pickle)) or None
+    own = getattr(backend, "weight_files", None)
+    if own is not None:
+        return [Path(p) for p in own()]
+    if not Path(backend.spec.source).is_dir():
+        return []
+    return [Path(p) for p in weight_files(backend.spec.source, backend.spec.allow_pickle)]
+
+
+def checkpoint_bytes(backend: Any) -> int | None:
+    """Bytes of exactly the files the backend's load reads (`loaded_files`); None where there are none."""
+    return sum(p.stat().st_size for p in loaded_files(backend)) or None
 
 
 def first_input(kind: str, vocab_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,7 +120,7 @@ def measure_load(
         architecture=stats.architecture,
         quant_state_device=stats.quant_state_device,
         weight_notes=dict(stats.notes),
-        checkpoint_bytes=checkpoint_bytes(backend.spec.source, backend.spec.allow_pickle),
+        checkpoint_bytes=checkpoint_bytes(backend),
     )
     device = backend.device_memory()  # allocator peaks over load + first forward: the larger phase's
     peaks = [p.result.device_peak_bytes for p in phases if p.result.device_peak_bytes is not None]

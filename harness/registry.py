@@ -51,6 +51,8 @@ class Framework:
     # "module:function"(model_type, kind) -> why this framework cannot load such a model, or None
     model_support: str | None = None
     null_field_reasons: Mapping[str, str] = field(default_factory=dict)  # fields it never reports, and why
+    # "module:function"(timeout_s) -> one line: what `harness setup <name>` installs once, beyond pip
+    setup: str | None = None
     default: bool = False  # part of the default matrix
     reference: bool = False  # quality references are measured in this framework
     # the finetune scenario: "module:Class" of its trainer (harness.finetune.Trainer), or why it has none
@@ -189,6 +191,10 @@ _JAX = Framework(
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
     no_trainer_reason="no LoRA training step for KerasHub on JAX yet: fine-tune through --frameworks pytorch",
 )
+_LLAMACPP_NO_ALLOCATOR = (
+    "llama.cpp reports no allocator counters: its weights, KV cache and compute buffers are allocated at load "
+    "and kept (device_process_bytes: what NVML attributes to the worker)"
+)
 _LLAMACPP = Framework(
     name="llamacpp",
     description="llama.cpp through llama-cpp-python, on GGUF files converted and quantized from the checkpoint",
@@ -206,7 +212,12 @@ _LLAMACPP = Framework(
     cuda_build="llamacpp_cuda_build",
     no_cuda_build_reason="this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on",
     model_support="harness.backends.llamacpp:unsupported_reason",
-    null_field_reasons={"roundtrip_max_abs_diff": "GGUF files are the serialized form"},
+    null_field_reasons={
+        "roundtrip_max_abs_diff": "GGUF files are the serialized form",
+        "peak_device_allocated_bytes": _LLAMACPP_NO_ALLOCATOR,
+        "peak_device_reserved_bytes": _LLAMACPP_NO_ALLOCATOR,
+    },
+    setup="harness.gguf:setup",  # llama.cpp's converter (convert_hf_to_gguf.py), from the llama-cpp-python sdist
     no_trainer_reason="llama.cpp runs GGUF inference only: no training step (fine-tune the Hugging Face checkpoint)",
 )
 

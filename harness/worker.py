@@ -154,33 +154,36 @@ def run_job(job: WorkerJob, on_phase: Callable[[str], None] | None = None) -> di
     return fields
 
 
+def drop_weight_pages(backend: Any) -> tuple[int, float, float]:
+    """After prepare(): a raw cold read of the files the backend's load reads (harness.measure.loaded_files:
+    the GGUF file for llama.cpp), then their pages dropped. Returns (bytes read, read seconds,
+    resident fraction of those files after the drop)."""
+    from harness.measure import loaded_files
+    from harness.pagecache import cold_read_bytes_s, drop_cached_pages, resident_fraction
+
+    files = loaded_files(backend)
+    read_bytes, read_s = cold_read_bytes_s(files)
+    drop_cached_pages(files)
+    return read_bytes, read_s, resident_fraction(files)
+
+
 def cold_load_fields(backend: Any, kind: str, eval_ids: Any) -> dict[str, Any]:
-    """A cold load: raw cold read of the weight files, drop their pages, check residency, load.
+    """A cold load: after prepare(), a raw cold read of the weight files, drop their pages, check residency, load.
 
     Returns load_cold_s, page_cache_resident_frac_before, raw_read_bytes_s, load_cold_bandwidth_frac.
     """
-    from pathlib import Path
-
     from harness.measure import measure_load
-    from harness.models import weight_files
-    from harness.pagecache import cold_read_bytes_s, drop_cached_pages, resident_fraction
 
-    files = [Path(f) for f in weight_files(backend.spec.source, backend.spec.allow_pickle)]
-    read_bytes, read_s = cold_read_bytes_s(files)
-    residency: list[float] = []
-
-    def drop() -> None:
-        drop_cached_pages(files)
-        residency.append(resident_fraction(files))
-
-    fields = measure_load(backend, kind, eval_ids, before_load=drop)
+    dropped: list[tuple[int, float, float]] = []
+    fields = measure_load(backend, kind, eval_ids, before_load=lambda: dropped.append(drop_weight_pages(backend)))
     fields.pop("_phases")
+    read_bytes, read_s, residency = dropped[0]
     raw_rate = read_bytes / read_s if read_s > 0 else None
     load_cold_s = fields["load_s"]
     checkpoint = fields.get("checkpoint_bytes")
     return {
         "load_cold_s": load_cold_s,
-        "page_cache_resident_frac_before": residency[0],
+        "page_cache_resident_frac_before": residency,
         "raw_read_bytes_s": raw_rate,
         "load_cold_bandwidth_frac": checkpoint / load_cold_s / raw_rate if checkpoint and raw_rate else None,
     }

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import by_precision, run_matrix
 
+from conftest import by_precision, run_matrix
 from harness.checks import adapter_problems, plan_problems, training_problems
 from harness.finetune import NO_GRADIENT_REASON, lora_method, training_skip_reason
 from harness.registry import PRECISIONS

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import run_matrix
-
 from harness.memplan import plan_memories, read_config
 from harness.trainplan import TrainingPlan, plan_training
 

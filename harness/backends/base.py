@@ -54,6 +54,10 @@ class Backend(Protocol):
     def load(self) -> None:
         """Load the weights onto the device (the span `load_s` measures)."""
 
+    # Optional: `weight_files() -> list[Path]`, the files load() reads where they are not the
+    # checkpoint's own weight files (llama.cpp: the GGUF file prepare() made). checkpoint_bytes, the
+    # load bandwidths and the cold load's page drop use them (harness.measure.loaded_files).
+
     def synchronize(self) -> None:
         """Wait for queued device work to finish."""
 

@@ -1,31 +1,37 @@
 """llama.cpp through llama-cpp-python: the checkpoint converted to GGUF (f16) and quantized to the
-precision's type (harness.gguf, cached), then loaded with `llama_cpp.Llama`.
+precision's type (harness.gguf, cached), then loaded through llama.cpp's C API
+(llama_model_load_from_file, llama_init_from_model, llama_decode).
 
-Conversion and quantization happen in prepare(), outside load_s, and are reported as `convert_s`.
+Conversion and quantization happen in prepare(), outside load_s, and are reported as `convert_s`;
+so does the device's start (CUDA: ggml's backend registry and the GPU's context, `device_init_s`).
 The harness feeds Hugging Face token ids, so prepare() also checks that the GGUF vocabulary
 tokenizes the eval text to the same ids (TokenizerMismatch otherwise): misaligned logits are never
-compared. Causal LMs only; one sequence at a time (a batch is run row by row).
+compared. Causal LMs only; a batch's rows are sequences of one context, decoded together.
 
 Importing this module imports neither llama_cpp nor torch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.backends.base import LoadSpec, WeightStats
-from harness.gguf import TYPES, GGUFFile, gguf_file, header_field, tensor_types, type_counts
+from harness.gguf import TYPES, GGUFFile, gguf_file, header_fields, tensor_types, type_counts
 
-MAX_CONTEXT = 4096  # KV cache positions allocated at load (the model's own limit when smaller)
+MAX_CONTEXT = 4096  # KV cache positions per sequence (the model's own limit when smaller)
 BATCH_TOKENS = 512  # tokens per llama_decode call (n_batch)
 FLOAT_TYPES = frozenset({"f32", "f16", "bf16"})
+GGML_DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel")  # enum ggml_backend_dev_type, in order
 
 
 class TokenizerMismatch(ValueError):
@@ -85,8 +91,105 @@ def default_threads() -> int:
     return max(len(os.sched_getaffinity(0)) // 2, 1)
 
 
+@dataclass(frozen=True)
+class GgmlDevice:
+    """One device ggml's backend registry lists (the devices llama.cpp can place a model on)."""
+
+    index: int  # in ggml's registry
+    name: str  # e.g. CPU, CUDA0
+    description: str
+    kind: str  # cpu | gpu | igpu | accel
+
+
+def _libggml() -> ctypes.CDLL:
+    """ggml's shared library as llama-cpp-python loaded it, with the device API's signatures."""
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = (ctypes.c_size_t,)
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).argtypes = (ctypes.c_void_p,)
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes = (ctypes.c_void_p,)
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_memory.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t))  # fmt: skip
+    lib.ggml_backend_dev_memory.restype = None
+    return lib
+
+
+def ggml_devices() -> list[GgmlDevice]:
+    """Every device in ggml's backend registry (the first call loads the backends: CUDA's initializes
+    the driver, but creates no context)."""
+    lib = _libggml()
+    devices = []
+    for index in range(lib.ggml_backend_dev_count()):
+        device = lib.ggml_backend_dev_get(index)
+        kind = lib.ggml_backend_dev_type(device)
+        devices.append(GgmlDevice(
+            index, lib.ggml_backend_dev_name(device).decode(), lib.ggml_backend_dev_description(device).decode(),
+            GGML_DEVICE_KINDS[kind] if 0 <= kind < len(GGML_DEVICE_KINDS) else f"type {kind}",
+        ))  # fmt: skip
+    return devices
+
+
+def ggml_device_memory(index: int) -> tuple[int, int]:
+    """(free, total) bytes of ggml device `index`. On a CUDA device this is cudaMemGetInfo, which
+    creates the device's CUDA context: the call llama.cpp's own load makes first."""
+    lib = _libggml()
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(lib.ggml_backend_dev_get(index), ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
+
+
+def offload_device(device: str, devices: list[GgmlDevice]) -> tuple[int, GgmlDevice]:
+    """For `cuda` / `cuda:N`: (N, the ggml device llama.cpp's main_gpu = N selects with split mode
+    NONE: the N-th GPU, integrated GPUs only where there is none)."""
+    number = int(device.partition(":")[2] or 0)
+    gpus = [d for d in devices if d.kind == "gpu"] or [d for d in devices if d.kind == "igpu"]
+    if number >= len(gpus):
+        listed = ", ".join(f"{d.name} ({d.kind})" for d in devices)
+        raise RuntimeError(f"{device}: llama.cpp sees {len(gpus)} GPU(s) ({listed})")
+    return number, gpus[number]
+
+
+@dataclass
+class _Handles:
+    """What llama.cpp allocated for one backend, freed together when the backend goes."""
+
+    model: Any = None  # llama_model *
+    ctx: Any = None  # llama_context *
+    batch: Any = None  # llama_batch
+
+    def free_context(self) -> None:
+        if self.ctx:
+            import llama_cpp
+
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def free(self) -> None:
+        if self.batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        self.free_context()
+        if self.model:
+            import llama_cpp
+
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
 class LlamaCppBackend:
-    """Runs a GGUF file of the checkpoint with llama.cpp, on CPU or (a CUDA build) with every layer offloaded."""
+    """Runs a GGUF file of the checkpoint with llama.cpp's C API, on CPU or (a CUDA build) with every
+    layer on one GPU. A batch of B rows runs as B sequences of one context, decoded together: the
+    load makes a context for one sequence; the first prefill or generate of a larger batch replaces
+    it with one for B (llama.cpp's per-sequence KV streams, kv_unified off, so no sequence attends
+    over another's cells), which a warm-up call pays."""
 
     framework = "llamacpp"
 
@@ -99,70 +202,122 @@ class LlamaCppBackend:
         self.tokenizer_source = tokenizer_source or spec.tokenizer or spec.source
         self.check_text = check_text  # None: the harness's eval text
         self.gguf: GGUFFile | None = None
-        self.llm: Any = None
+        self.on_gpu = spec.device.startswith("cuda")
+        self.gpu: tuple[int, GgmlDevice] | None = None  # (main_gpu, its ggml device), set by prepare on cuda
+        self._handles = _Handles()
+        weakref.finalize(self, self._handles.free)
+        self.sequences = 0  # sequences the current context holds
         self.threads = default_threads()
-        self._batch: Any = None  # one llama_batch of BATCH_TOKENS, allocated at load
-        self.n_ctx = 0
+        self.n_positions = 0  # positions per sequence: min(the model's context, MAX_CONTEXT)
+        self.n_vocab = 0
+        self.architecture: str | None = None
         self.prefill_logits: str | None = None
         self.last_timings: dict[str, float | int] = {}  # llama.cpp's own counters of the last generate
 
     # --- loading --------------------------------------------------------------------------
 
     def prepare(self) -> dict[str, Any]:
-        """Import llama_cpp, make (or find) the GGUF file, and check the tokenizer: none of it in load_s.
+        """Everything before the load clock: import llama_cpp, start the device (CUDA: ggml's backend
+        registry and the GPU's context), make (or find) the GGUF file, read its header, check the tokenizer.
 
-        Returns quantizer_import_s, device_init_s (null), convert_s (seconds spent making GGUF files
-        now, 0.0 when all were cached), convert_recorded_s (what this file took when it was made),
-        gguf_reused."""
+        Returns quantizer_import_s, device_init_s (CUDA only), convert_s (seconds spent making GGUF
+        files now, 0.0 when all were cached), convert_recorded_s (what this file took when it was
+        made), gguf_reused."""
         start = time.perf_counter()
         import llama_cpp
 
         import_s = time.perf_counter() - start
-        if self.spec.device.startswith("cuda") and not llama_cpp.llama_supports_gpu_offload():
-            raise RuntimeError("this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on")
-        if self.spec.device not in ("cpu",) and not self.spec.device.startswith("cuda"):
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log: errors only
+        device_init_s = None
+        if self.on_gpu:
+            start = time.perf_counter()
+            llama_cpp.llama_backend_init()
+            if not llama_cpp.llama_supports_gpu_offload():
+                raise RuntimeError(
+                    "this llama-cpp-python build has no GPU offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on"
+                )
+            self.gpu = offload_device(self.spec.device, ggml_devices())
+            ggml_device_memory(self.gpu[1].index)
+            device_init_s = time.perf_counter() - start
+        elif self.spec.device != "cpu":
             raise RuntimeError(f"llama.cpp does not run on {self.spec.device} devices here")
+        else:
+            llama_cpp.llama_backend_init()
         self.gguf = gguf_file(self.spec.source, self.spec.precision)
+        self.architecture, trained = header_fields(self.gguf.path, "general.architecture", "{}.context_length")
+        self.n_positions = min(int(trained), MAX_CONTEXT) if trained else MAX_CONTEXT
         from harness.corpus import eval_text
 
         gguf_tokenizes_like_hf(self.gguf.path, self.tokenizer_source, self.check_text or eval_text())
         return {
             "quantizer_import_s": import_s,
-            "device_init_s": None,
+            "device_init_s": device_init_s,
             "convert_s": self.gguf.spent_s,
             "convert_recorded_s": self.gguf.made_s,
             "gguf_reused": self.gguf.reused,
         }
 
+    def weight_files(self) -> list[Path]:
+        """The files load() reads: the GGUF file (not the checkpoint it was converted from)."""
+        if self.gguf is None:
+            raise RuntimeError("prepare() makes the GGUF file: call it first")
+        return [self.gguf.path]
+
     def limit_device_memory(self, limit_bytes: int) -> None:
         """No-op: llama.cpp has no allocator cap."""
 
     def load(self) -> None:
+        """llama_model_load_from_file (memory-mapped), and a context with a KV cache of MAX_CONTEXT
+        positions (the model's limit when smaller) for one sequence: the span load_s times."""
         import llama_cpp
 
         if self.gguf is None:
-            self.gguf = gguf_file(self.spec.source, self.spec.precision)
-        trained = header_field(self.gguf.path, f"{header_field(self.gguf.path, 'general.architecture')}.context_length")
-        self.n_ctx = min(int(trained), MAX_CONTEXT) if trained else MAX_CONTEXT
-        on_gpu = self.spec.device.startswith("cuda")
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.gguf.path),
-            n_ctx=self.n_ctx,
-            n_batch=min(BATCH_TOKENS, self.n_ctx),
-            n_ubatch=min(BATCH_TOKENS, self.n_ctx),
-            n_gpu_layers=-1 if on_gpu else 0,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            logits_all=False,  # all-position logits are requested per batch in logits() only
-            seed=0,
-            verbose=False,
-        )
-        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
-        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+            raise RuntimeError("prepare() makes the GGUF file: call it before load()")
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # llama-cpp-python's default (use_mmap)
+        model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        model_params.main_gpu = self.gpu[0] if self.gpu else -1  # -1: no device at all, the CPU computes everything
+        model_params.n_gpu_layers = 0x7FFFFFFF if self.gpu else 0
+        model = llama_cpp.llama_model_load_from_file(str(self.gguf.path).encode(), model_params)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {self.gguf.path}")
+        self._handles.model = model
+        self._handles.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+        self._new_context(1)
         self.prefill_logits = "last"
 
+    def _new_context(self, sequences: int) -> None:
+        """Replace the context by one for `sequences` sequences of n_positions each (its own KV
+        cells per sequence)."""
+        import llama_cpp
+
+        self._handles.free_context()
+        self.sequences = 0
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_positions * sequences
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = sequences
+        params.kv_unified = False  # one KV stream per sequence: no cross-sequence attention
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # llama-cpp-python's default
+        params.no_perf = False
+        ctx = llama_cpp.llama_init_from_model(self._handles.model, params)
+        if not ctx:
+            raise ValueError(f"Failed to create llama_context ({sequences} sequences x {self.n_positions} positions)")
+        self._handles.ctx, self.sequences = ctx, sequences
+
+    @property
+    def ctx(self) -> Any:
+        """The current llama_context * (None before load)."""
+        return self._handles.ctx
+
     def synchronize(self) -> None:
-        """No-op: llama_decode returns when its work is done."""
+        """llama_synchronize: wait for the context's queued work (llama_decode is asynchronous on a GPU)."""
+        if self.ctx is not None:
+            import llama_cpp
+
+            llama_cpp.llama_synchronize(self.ctx)
 
     # --- size -----------------------------------------------------------------------------
 
@@ -183,84 +338,107 @@ class LlamaCppBackend:
             quantized_param_frac=quantized_params / params if params else 0.0,
             storage_dtype=types.get("token_embd.weight", (None, 0))[0],
             compute_dtype="float32",
-            architecture=str(header_field(self.gguf.path, "general.architecture")),
+            architecture=self.architecture,
             quant_state_device=self.spec.device if quantized else None,
             notes={
                 "tensor_types": json.dumps(type_counts(types)),
                 "gguf_file": str(self.gguf.path),
                 "threads": str(self.threads),
+                "kv_positions_per_sequence": str(self.n_positions),
             },
         )
 
     def reset_device_peaks(self) -> None:
-        pass
+        """No-op: llama.cpp keeps no allocator peaks."""
 
     def device_memory(self) -> dict[str, int | None]:
-        return {}
+        """CUDA: what NVML attributes to this process (llama.cpp has no allocator counters)."""
+        if not self.on_gpu:
+            return {}
+        from harness.trackers import nvml_process_bytes
+
+        return {"device_process_bytes": nvml_process_bytes(int(self.spec.device.partition(":")[2] or 0))}
 
     # --- running --------------------------------------------------------------------------
 
     def _clear(self) -> None:
         import llama_cpp
 
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
-        self.llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
-    def _decode(self, tokens: np.ndarray, start_pos: int, into: np.ndarray | None = None) -> None:
-        """llama_decode `tokens` at positions start_pos.. in batches of BATCH_TOKENS. With `into`
-        ([tokens, vocab] float32), every position's logits are computed and copied there; else only the last's."""
+    def _eval(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        sequences: np.ndarray,
+        outputs: np.ndarray,
+        into: np.ndarray | None = None,
+    ) -> None:
+        """llama_decode token i at positions[i] of sequence sequences[i], in calls of BATCH_TOKENS.
+        The tokens where outputs[i] get logits; with `into` ([outputs.sum(), vocab] float32) they are
+        copied there in order (llama_get_logits keeps the batch's order)."""
         import llama_cpp
 
-        vocab, batch = self._vocab, self._batch
+        batch, vocab, copied = self._handles.batch, self.n_vocab, 0
         for offset in range(0, len(tokens), BATCH_TOKENS):
-            part = tokens[offset : offset + BATCH_TOKENS].tolist()
-            batch.n_tokens = len(part)
-            for i, token in enumerate(part):
-                batch.token[i] = token
-                batch.pos[i] = start_pos + offset + i
+            end = min(offset + BATCH_TOKENS, len(tokens))
+            batch.n_tokens = end - offset
+            for i, j in enumerate(range(offset, end)):
+                batch.token[i] = int(tokens[j])
+                batch.pos[i] = int(positions[j])
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = into is not None
-            batch.logits[len(part) - 1] = True
-            status = llama_cpp.llama_decode(self.llm.ctx, batch)
+                batch.seq_id[i][0] = int(sequences[j])
+                batch.logits[i] = bool(outputs[j])
+            status = llama_cpp.llama_decode(self.ctx, batch)
             if status != 0:
-                raise RuntimeError(f"llama_decode returned {status} at position {start_pos + offset}")
-            if into is not None:
-                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(len(part) * vocab,))
-                into[offset : offset + len(part)] = rows.reshape(len(part), vocab)
+                raise RuntimeError(f"llama_decode returned {status} at token {offset} of {len(tokens)}")
+            wanted = int(np.count_nonzero(outputs[offset:end]))
+            if into is not None and wanted:
+                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(wanted * vocab,))
+                into[copied : copied + wanted] = rows.reshape(wanted, vocab)
+                copied += wanted
 
-    @property
-    def _vocab(self) -> int:
-        return int(self.llm.n_vocab())
+    def _prompts(self, input_ids: np.ndarray, into: np.ndarray | None = None) -> None:
+        """A fresh cache, then every row of `input_ids` as its own sequence (row r = sequence r),
+        computing each row's last position's logits (copied into `into` [batch, vocab] when given)."""
+        batch, tokens = input_ids.shape
+        positions = np.tile(np.arange(tokens), batch)
+        self._clear()
+        self._eval(input_ids.reshape(-1), positions, np.repeat(np.arange(batch), tokens), positions == tokens - 1, into)
 
-    def _last_logits(self) -> np.ndarray:
+    def _fit(self, batch: int, tokens: int) -> None:
+        """Check that `batch` sequences of `tokens` fit; make a context for a larger batch than the current."""
         import llama_cpp
 
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self._vocab,))
-
-    def _check_length(self, tokens: int) -> None:
-        if tokens > self.n_ctx:
-            raise ValueError(f"{tokens} tokens exceed the {self.n_ctx}-position context allocated at load")
+        if tokens > self.n_positions:
+            raise ValueError(f"{tokens} tokens exceed the {self.n_positions} positions per sequence allocated at load")
+        most = int(llama_cpp.llama_max_parallel_sequences())
+        if batch > most:
+            raise ValueError(
+                f"batch {batch} exceeds llama.cpp's {most} sequences per context: use smaller --batch-sizes"
+            )
+        if batch > self.sequences:
+            self._new_context(batch)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits [batch, tokens, vocab]: each row one fresh sequence, every position's logits."""
         batch, tokens = input_ids.shape
-        self._check_length(tokens)
-        out = np.empty((batch, tokens, self._vocab), dtype=np.float32)
+        self._fit(1, tokens)
+        out = np.empty((batch, tokens, self.n_vocab), dtype=np.float32)
+        positions, every = np.arange(tokens), np.ones(tokens, dtype=bool)
         for row in range(batch):
             self._clear()
-            self._decode(np.asarray(input_ids[row]), 0, into=out[row])
+            self._eval(np.asarray(input_ids[row]), positions, np.zeros(tokens, dtype=np.int32), every, out[row])
         return out
 
     def prefill(self, input_ids: np.ndarray) -> None:
-        """One pass over each prompt row that fills the KV cache, computing the last position's logits."""
-        self._check_length(input_ids.shape[1])
-        for row in input_ids:
-            self._clear()
-            self._decode(np.asarray(row), 0)
+        """One pass over every prompt row (each its own sequence, decoded together) that fills the KV
+        cache and computes each row's last position's logits, left in llama.cpp's buffer."""
+        self._fit(*input_ids.shape)
+        self._prompts(np.asarray(input_ids))
 
     def max_positions(self) -> int | None:
-        return self.n_ctx or None
+        return self.n_positions or None
 
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         raise NotImplementedError("the llama.cpp backend runs causal LMs only")
@@ -268,38 +446,42 @@ class LlamaCppBackend:
     def generate(
         self, input_ids: np.ndarray, new_tokens: int, on_token: Callable[[], None] | None = None
     ) -> np.ndarray:
-        """Greedy (argmax) generation of exactly `new_tokens` per row, EOS included; rows run one after another.
-
-        llama.cpp's own prompt and token-eval timings of the last row land in `last_timings`."""
+        """Greedy (argmax) generation of exactly `new_tokens` per row, EOS included, every row at once:
+        the prompts' pass gives each row's first token, then one llama_decode per step gives every
+        row's next. `on_token` is called once per step, after the step's tokens exist. Returns
+        [batch, new_tokens]; llama.cpp's own prompt and token-eval timings land in `last_timings`
+        (llama.cpp counts a step of more than one row as prompt evaluation)."""
         import llama_cpp
 
-        batch, prompt = input_ids.shape
-        self._check_length(prompt + new_tokens)
+        ids = np.asarray(input_ids)
+        batch, prompt = ids.shape
+        self._fit(batch, prompt + new_tokens)
+        llama_cpp.llama_perf_context_reset(self.ctx)
+        logits = np.empty((batch, self.n_vocab), dtype=np.float32)
+        self._prompts(ids, into=logits)
         out = np.empty((batch, new_tokens), dtype=np.int64)
-        for row in range(batch):
-            self._clear()
-            llama_cpp.llama_perf_context_reset(self.llm.ctx)
-            self._decode(np.asarray(input_ids[row]), 0)
-            for step in range(new_tokens):
-                token = int(np.argmax(self._last_logits()))
-                out[row, step] = token
-                if on_token is not None:
-                    on_token()
-                if step + 1 < new_tokens:
-                    self._decode(np.array([token]), prompt + step)
-            perf = llama_cpp.llama_perf_context(self.llm.ctx)
-            self.last_timings = {
-                "prompt_ms": perf.t_p_eval_ms,
-                "prompt_tokens": perf.n_p_eval,
-                "eval_ms": perf.t_eval_ms,
-                "eval_tokens": perf.n_eval,
-            }
+        rows, every = np.arange(batch), np.ones(batch, dtype=bool)
+        for step in range(new_tokens):
+            out[:, step] = logits.argmax(axis=1)
+            if on_token is not None:
+                on_token()
+            if step + 1 < new_tokens:
+                self._eval(out[:, step], np.full(batch, prompt + step), rows, every, logits)
+        perf = llama_cpp.llama_perf_context(self.ctx)
+        self.last_timings = {
+            "batch": batch,
+            "prompt_ms": perf.t_p_eval_ms,
+            "prompt_tokens": perf.n_p_eval,
+            "eval_ms": perf.t_eval_ms,
+            "eval_tokens": perf.n_eval,
+        }
         return out
 
     def llamacpp_decode_tok_s(self) -> float | None:
-        """llama.cpp's own decode rate of the last generate (single-token evals / their time)."""
+        """llama.cpp's own decode rate of the last generate (single-token evals / their time); None
+        after a batch, whose steps llama.cpp counts as prompt evaluation."""
         timings = self.last_timings
-        if not timings or not timings["eval_ms"]:
+        if not timings or timings["batch"] != 1 or not timings["eval_ms"]:
             return None
         return timings["eval_tokens"] / (timings["eval_ms"] / 1000)
 
@@ -310,7 +492,7 @@ class LlamaCppBackend:
         """Copy bandwidth of the memory the weights live in: host memory on CPU, device memory on CUDA."""
         from harness.trackers import copy_bandwidth_bytes_s
 
-        if self.spec.device.startswith("cuda"):
+        if self.on_gpu:
             import torch
 
             src = torch.ones(size_bytes // 4, dtype=torch.float32, device="cuda")
