@@ -59,10 +59,9 @@ class TrainSettings:
 
     def fields(self) -> dict[str, Any]:
         """The settings as record fields."""
-        return {"lora_method": self.method, "lora_rank": self.rank, "lora_alpha": self.alpha if self.rank else None,
-                "train_seq_len": self.seq_len, "train_batch_size": self.batch_size, "train_steps": self.steps,
-                "learning_rate": self.learning_rate, "optimizer": self.optimizer,
-                "gradient_checkpointing": self.gradient_checkpointing}  # fmt: skip
+        return {"lora_method": self.method, "lora_rank": self.rank, "train_seq_len": self.seq_len,
+                "train_batch_size": self.batch_size, "train_steps": self.steps, "learning_rate": self.learning_rate,
+                "optimizer": self.optimizer}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,9 @@ class TrainSetup:
     all_params: int  # peft's count (packed 4-bit weights per element)
     trainable_param_bytes: int
     upcast_param_bytes: int  # bytes the kbit preparation added by casting 16-bit parameters to fp32
+    lora_alpha: int | None  # the scaling numerator the framework really uses (None for full fine-tuning)
+    lora_targets: str  # which layers got adapters
+    gradient_checkpointing: bool  # as it ran (a framework without it trains without)
 
 
 class Trainer(Protocol):
@@ -101,7 +103,9 @@ class Trainer(Protocol):
     def save(self, directory: Path) -> int:
         """Save the adapter (full fine-tuning: the model); bytes written."""
 
-    def load_adapter(self, directory: Path) -> None: ...
+    def reload(self, directory: Path) -> None:
+        """Load a fresh base through the backend and attach the saved adapter (full fine-tuning: load
+        the saved model itself), for inference."""
 
     def merge(self) -> None:
         """Fold the adapter into the weights; NotImplementedError (or the library's error) where impossible."""
@@ -206,6 +210,8 @@ def run_steps(
         for name in TRAIN_PHASES:
             if name == "train_optimizer":  # between backward and step: the gradients exist now
                 flags = trainer.gradients_nonzero()
+                if not flags:
+                    raise TrainingFailed("the trainer left no trainable parameter: nothing to train")
                 if step == 0 and not any(flags):
                     raise TrainingFailed(NO_GRADIENT_REASON)
                 reached = flags if reached is None else [a or b for a, b in zip(reached, flags, strict=True)]
@@ -260,6 +266,9 @@ def finetune_fields(
         all_params=setup.all_params,
         trainable_param_bytes=setup.trainable_param_bytes,
         upcast_param_bytes=setup.upcast_param_bytes,
+        lora_alpha=setup.lora_alpha,
+        lora_targets=setup.lora_targets,
+        gradient_checkpointing=setup.gradient_checkpointing,
         optimizer_state_bytes=trainer.optimizer_state_bytes(),
         train_step_s=step_median,
         train_step_s_samples=timed,
@@ -277,6 +286,8 @@ def finetune_fields(
     )  # fmt: skip
     if step_ci is None:
         reasons["train_step_s_ci_rel"] = "a single timed step: no CI"
+    if setup.lora_alpha is None:
+        reasons["lora_alpha"] = "full fine-tuning: no adapter to scale"
     reserved = [r.device_reserved_peak_bytes for r in results if r.device_reserved_peak_bytes is not None]
     fields["peak_device_reserved_train_bytes"] = max(reserved) if reserved else None
     if not reserved:
@@ -323,10 +334,8 @@ def adapter_fields(backend: Any, job: Any) -> dict[str, Any]:
 
     def fresh_trainer() -> Trainer:
         backend.model = None  # the previous base, if any, goes before the next loads
-        backend.load()
         trainer = trainer_class(backend, settings)
-        if settings.method != "full":
-            trainer.load_adapter(directory)
+        trainer.reload(directory)
         return trainer
 
     backend.prepare()
@@ -347,7 +356,7 @@ def adapter_fields(backend: Any, job: Any) -> dict[str, Any]:
         from harness.errors import one_line
 
         fields.update(merged_kl=None, merged_max_abs_diff=None)
-        reasons["merged_kl"] = reasons["merged_max_abs_diff"] = f"peft cannot merge here: {one_line(exc)}"
+        reasons["merged_kl"] = reasons["merged_max_abs_diff"] = f"cannot merge here: {one_line(exc)}"
         return fields | {"na_reasons": reasons}
     kl, diff = logits_kl(trained, trainer.logits(ids))
     return fields | {"merged_kl": kl, "merged_max_abs_diff": diff, "na_reasons": reasons}

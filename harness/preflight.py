@@ -58,10 +58,11 @@ def plan_fields(job: Any) -> dict[str, Any]:
 
     precisions = (*DEFAULT_PRECISIONS, *job.plan_precisions)
     config = read_config(job.model.source)
-    if job.options.scenario == "finetune":
+    if job.options.scenario == "finetune":  # the selected precisions only: each training shape is a simulation
         from harness.trainplan import training_plans_for
 
-        return {"plans": training_plans_for(config, precisions, job.fast_bf16, job.options, job.combo.device)}
+        plans = training_plans_for(config, job.plan_precisions, job.fast_bf16, job.options, job.combo.device)
+        return {"plans": plans}
     plans = plans_for(config, precisions, job.fast_bf16, job.options, job.combo.device)
     return {"plans": {name: asdict(plan) for name, plan in plans.items()}}
 

@@ -255,7 +255,8 @@ class Record:
     # --- fine-tuning (scenario "finetune", harness.finetune): N optimizer steps on one fixed batch ---
     lora_method: str | None = None  # plain (LoRA on the layers as loaded) | kbit (QLoRA) | full (no adapter)
     lora_rank: int | None = None  # 0: full fine-tuning
-    lora_alpha: int | None = None
+    lora_alpha: int | None = None  # as the framework applies it (peft: --lora-alpha; Keras: the rank)
+    lora_targets: str | None = None  # which layers got adapters
     train_seq_len: int | None = None  # tokens per training sequence
     train_batch_size: int | None = None
     train_steps: int | None = None  # optimizer steps run; the first is the untimed warm-up

@@ -172,7 +172,7 @@ _TENSORFLOW = Framework(
     no_cuda_build_reason="tensorflow-cpu has no GPU support: pip install 'tensorflow[and-cuda]'",
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
     null_field_reasons={"peak_device_reserved_bytes": "TensorFlow does not report its allocator's reserved pool"},
-    no_trainer_reason="no LoRA training step for KerasHub on TensorFlow yet: fine-tune through --frameworks pytorch",
+    trainer="harness.backends.keras_train:TensorFlowLoraTrainer",
 )
 _JAX = Framework(
     name="jax",
@@ -189,7 +189,7 @@ _JAX = Framework(
     cuda_build="jax_cuda_build",
     no_cuda_build_reason="this jax has no CUDA plugin: pip install 'jax[cuda12]'",
     model_support="harness.backends.keras_support:tensorflow_unsupported_reason",
-    no_trainer_reason="no LoRA training step for KerasHub on JAX yet: fine-tune through --frameworks pytorch",
+    trainer="harness.backends.keras_train:JaxLoraTrainer",
 )
 _LLAMACPP_NO_ALLOCATOR = (
     "llama.cpp reports no allocator counters: its weights, KV cache and compute buffers are allocated at load "

@@ -379,6 +379,11 @@ class Runner:
 
         names = ("predicted_train_forward_bytes", "predicted_train_backward_bytes", "predicted_train_optimizer_bytes")
         empty: dict[str, int | None] = dict.fromkeys(names)
+        if combo.framework != REFERENCE_FRAMEWORK:
+            return empty, (
+                f"the training plan simulates {REFERENCE_FRAMEWORK} with peft's LoRA on every Linear; "
+                f"{combo.framework} trains KerasHub's own adapters"
+            )
         plans, error = self.memory_plans(combo)
         if plans is None:
             return empty, f"training memory plan failed: {error}"

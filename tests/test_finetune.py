@@ -140,3 +140,29 @@ def test_gradients_that_never_reach_the_adapter_fail_the_row() -> None:
     healthy.attach()
     losses, _, _, reached = run_steps(healthy, backend, ids, 2)
     assert reached == 1.0 and losses[1] < losses[0]
+
+
+@pytest.mark.parametrize("framework", ["tensorflow", "jax"])
+def test_kerashub_lora_trains_and_reloads_on_tensorflow_and_jax(tmp_path: Path, framework: str) -> None:
+    from harness.config import RunOptions
+    from harness.environment import collect_environment
+    from harness.matrix import Selection
+    from harness.runner import Plan, Runner
+    from harness.storage import RunWriter, read_records
+
+    options = RunOptions(**TRAIN)
+    plan = Plan.create(Selection(("tiny-llama-trained",), (framework,), ("fp32", "keras-int8"), ("cpu",)), options)
+    writer = RunWriter(tmp_path, collect_environment(), "run")
+    Runner(plan, writer).run(plan.combos())
+    for record in read_records(writer.path):
+        assert record["status"] == "ok", record["error"]
+        assert not training_problems(record), (record["precision"], training_problems(record))
+        # KerasHub's enable_lora: query and value, A of kernel.shape[:-1] + (r,), B of (r, head dim):
+        # per layer 192 x 6 x 8 + 8 x 32 (query) and 192 x 2 x 8 + 8 x 32 (value)
+        assert record["trainable_params"] == 4 * (192 * 6 * 8 + 8 * 32 + 192 * 2 * 8 + 8 * 32)
+        assert record["lora_alpha"] == 8 and record["gradient_checkpointing"] is False
+        assert record["adapter_roundtrip_kl"] < 1e-9  # the adapter reloads exactly
+        assert "Keras has no LoRA merge" in record["na_reasons"]["merged_kl"]
+        assert "simulates pytorch" in record["na_reasons"]["predicted_train_forward_bytes"]
+        unexplained = [k for k, v in record.items() if v is None and k not in record["na_reasons"]]
+        assert not unexplained, unexplained

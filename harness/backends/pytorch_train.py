@@ -10,6 +10,7 @@ variant and no input that requires grad, LoRA gradients silently stay None (harn
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ class PeftTrainer:
             all_params=int(total),
             trainable_param_bytes=unique_storage_bytes(self.trainable),
             upcast_param_bytes=upcast,
+            lora_alpha=settings.alpha if settings.method != "full" else None,
+            lora_targets="every Linear but the output head (peft all-linear)"
+            if settings.method != "full"
+            else "every weight",
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
 
     def _optimizer(self) -> Any:
@@ -122,8 +128,15 @@ class PeftTrainer:
         self.model.save_pretrained(directory)
         return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
-    def load_adapter(self, directory: Path) -> None:
-        """Attach a saved adapter to the backend's freshly loaded base model (inference only)."""
+    def reload(self, directory: Path) -> None:
+        """A fresh base loaded by the backend with the saved adapter attached (inference only); full
+        fine-tuning: the saved model itself, loaded at the same precision."""
+        if self.settings.method == "full":
+            self.backend.spec = replace(self.backend.spec, source=str(directory))
+            self.backend.load()
+            self.model = self.backend.model
+            return
+        self.backend.load()
         self.model = peft.PeftModel.from_pretrained(self.backend.model, str(directory), is_trainable=False)
 
     def merge(self) -> None:
