@@ -16,18 +16,46 @@ FIRST_FORWARD_TOKENS = 16
 
 
 def release_load_leftovers(backend: Any) -> None:
-    """Quantized precisions: page out the checkpoint pages the quantizer read while loading, which
-    stay file-backed in RSS while the file is still mapped (harness.pagecache.page_out_mappings).
-    Float precisions are left alone: there the mapped pages are the weights themselves."""
+    """Quantized precisions: drop from RSS the checkpoint pages the quantizer read while loading, which
+    stay file-backed in RSS while the file is still mapped (harness.pagecache.release_mappings keeps
+    them in the page cache, so the next warm load stays warm). Float precisions are left alone: there
+    the mapped pages are the weights themselves."""
     from harness.models import weight_files
-    from harness.pagecache import page_out_mappings
+    from harness.pagecache import release_mappings
     from harness.registry import PRECISIONS
 
     precision = PRECISIONS.get(backend.spec.precision)
     if precision is None or not precision.quantized or not Path(backend.spec.source).is_dir():
         return
-    with contextlib.suppress(OSError):  # a weight file gone, or no /proc: nothing to page out
-        page_out_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
+    with contextlib.suppress(OSError):  # a weight file gone, or no /proc: nothing to release
+        release_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
+
+
+def page_cache_residency(source: str, allow_pickle: bool = False) -> float | None:
+    """Share of the checkpoint's weight-file pages in the page cache now (mincore), None where the
+    source is not a local directory or the files cannot be mapped."""
+    from harness.models import weight_files
+    from harness.pagecache import resident_fraction
+
+    if not Path(source).is_dir():
+        return None
+    try:
+        return resident_fraction(Path(p) for p in weight_files(source, allow_pickle))
+    except OSError:
+        return None
+
+
+def load_residency_fields(loads: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
+    """Page-cache residency before each warm load behind load_s (`loads`: the workers' fields, in
+    load_s_samples' order): the samples, and their minimum, so one partly cold sample shows."""
+    name = "page_cache_resident_frac_before_load"
+    samples = [fields.get(name) for fields in loads]
+    known = [s for s in samples if s is not None]
+    if not known:
+        reasons[name] = "no residency read: the checkpoint is not a local directory of weight files"
+        return {name: None, f"{name}_samples": samples}
+    reasons.pop(name, None)
+    return {name: min(known), f"{name}_samples": samples}
 
 
 def checkpoint_bytes(source: str, allow_pickle: bool = False) -> int | None:
@@ -57,12 +85,17 @@ def measure_load(
     """Load the model and run the first forward; time both, each its own memory/contention phase.
 
     `before_load` runs right before the timed load, after imports and device set-up (the cold load
-    drops the checkpoint's pages there). The phase results are in fields["_phases"], for
-    measure_after_load's headline; the worker removes the key.
+    drops the checkpoint's pages there); then the checkpoint's page-cache residency is read
+    (page_cache_resident_frac_before_load), so every load says whether it started warm. The phase
+    results are in fields["_phases"], for measure_after_load's headline; the worker removes the key.
     """
     fields: dict[str, Any] = dict(backend.prepare())  # quantizer import and CUDA context: outside load_s
     if before_load is not None:
         before_load()
+    # what this load starts from: ~1.0 for a warm load, ~0.0 after the cold load's drop
+    fields["page_cache_resident_frac_before_load"] = page_cache_residency(
+        backend.spec.source, backend.spec.allow_pickle
+    )
     with PhaseMeter("load", backend, timed=True) as load_phase:
         with Timer(backend.synchronize) as load_timer:
             backend.load()

@@ -105,6 +105,10 @@ class Record:
         "s", False, "load", label="cold load_s"
     )  # a load after dropping the checkpoint's pages from the page cache (own worker)
     page_cache_resident_frac_before: float | None = None  # share of checkpoint pages cached when load_cold_s began
+    page_cache_resident_frac_before_load: float | None = None  # the least-cached start among the warm loads (mincore)
+    page_cache_resident_frac_before_load_samples: list[float | None] = field(
+        default_factory=list
+    )  # per warm load, in load_s_samples' order: ~1.0 warm; lower means that sample read the disk
     raw_read_bytes_s: float | None = None  # sequential cold read of the weight files, same run (16 MiB reads)
     load_cold_bandwidth_frac: float | None = None  # (checkpoint_bytes / load_cold_s) / raw_read_bytes_s
     convert_s: float | None = None  # llama.cpp: seconds this worker spent converting/quantizing to GGUF (0: cached)

@@ -147,30 +147,25 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
 def cold_load_fields(backend: Any, kind: str, eval_ids: Any) -> dict[str, Any]:
     """A cold load: raw cold read of the weight files, drop their pages, check residency, load.
 
-    Returns load_cold_s, page_cache_resident_frac_before, raw_read_bytes_s, load_cold_bandwidth_frac.
+    Returns load_cold_s, page_cache_resident_frac_before (measure_load's residency right before the
+    load clock), raw_read_bytes_s, load_cold_bandwidth_frac.
     """
     from pathlib import Path
 
     from harness.measure import measure_load
     from harness.models import weight_files
-    from harness.pagecache import cold_read_bytes_s, drop_cached_pages, resident_fraction
+    from harness.pagecache import cold_read_bytes_s, drop_cached_pages
 
     files = [Path(f) for f in weight_files(backend.spec.source, backend.spec.allow_pickle)]
     read_bytes, read_s = cold_read_bytes_s(files)
-    residency: list[float] = []
-
-    def drop() -> None:
-        drop_cached_pages(files)
-        residency.append(resident_fraction(files))
-
-    fields = measure_load(backend, kind, eval_ids, before_load=drop)
+    fields = measure_load(backend, kind, eval_ids, before_load=lambda: drop_cached_pages(files))
     fields.pop("_phases")
     raw_rate = read_bytes / read_s if read_s > 0 else None
     load_cold_s = fields["load_s"]
     checkpoint = fields.get("checkpoint_bytes")
     return {
         "load_cold_s": load_cold_s,
-        "page_cache_resident_frac_before": residency[0],
+        "page_cache_resident_frac_before": fields["page_cache_resident_frac_before_load"],
         "raw_read_bytes_s": raw_rate,
         "load_cold_bandwidth_frac": checkpoint / load_cold_s / raw_rate if checkpoint and raw_rate else None,
     }
