@@ -228,6 +228,7 @@ class Record:
     reference_model: str | None = None  # the model the reference precision ran on (itself, or --reference-model)
     eval_tokens: int | None = None  # tokens the quality pass compared (after harness.quality.scaled_eval_tokens)
     eval_tokens_requested: int | None = None  # --eval-tokens (cut to what the text and the reference hold)
+    reference_eval_tokens: int | None = None  # tokens the reference's outputs cover (decided once per model, device)
     kl_mean: float | None = metric(
         "nats", False, "quality", budget=True, label="kl_mean"
     )  # mean per-token KL(reference || this), nats

@@ -365,3 +365,26 @@ def test_the_machine_column_flags_contended_rows_whatever_pandas_made_of_the_col
     for column in ([True, False], [True, None]):  # numpy bools in an all-bool column, objects otherwise
         frame = pd.DataFrame({"contended": column})
         assert [cell(row) for _, row in frame.iterrows()] == ["contended", ""]
+
+
+def test_kl_cells_say_when_rows_cover_different_tokens() -> None:
+    from harness.report.tables import COMPARISON_COLUMNS, _mark_kl_tokens
+
+    cell = COMPARISON_COLUMNS["kl_mean ↓ ± CI"][1]
+    group = {"model": "m", "framework": "pytorch", "device": "cpu", "hardware_id": "h", "stack": "s"}
+    same = pd.DataFrame(
+        [group | {"kl_mean": kl, "kl_mean_ci_low": None, "kl_mean_ci_high": None, "eval_tokens": 2048,
+                  "reference_eval_tokens": 2048} for kl in (0.0, 0.25)]
+    )  # fmt: skip
+    assert [cell(r) for _, r in _mark_kl_tokens(same).iterrows()] == ["0", "0.25"]
+    mixed = pd.DataFrame(
+        [
+            group | {"kl_mean": 0.0, "eval_tokens": 2048, "reference_eval_tokens": 2048},
+            group | {"kl_mean": 0.5, "eval_tokens": 1024, "reference_eval_tokens": 2048},  # a far slower precision
+            group | {"kl_mean": 0.25, "eval_tokens": 512, "reference_eval_tokens": None},  # from an older run
+            group | {"kl_mean": None, "eval_tokens": None, "reference_eval_tokens": None},  # failed: no KL
+        ]
+    ).assign(kl_mean_ci_low=None, kl_mean_ci_high=None)
+    assert [cell(r) for _, r in _mark_kl_tokens(mixed).iterrows()] == [
+        "0 (2048 tokens)", "0.5 (1024 of the reference's 2048 tokens)", "0.25 (512 tokens)", "-",
+    ]  # fmt: skip

@@ -47,7 +47,29 @@ def _kl(row: pd.Series) -> str:
         return "-"
     low, high = row["kl_mean_ci_low"], row["kl_mean_ci_high"]
     half = "" if _missing(low) or _missing(high) else f" ± {(high - low) / 2:.2g}"
-    return f"{row['kl_mean']:.3g}{half}"
+    return f"{row['kl_mean']:.3g}{half}{_kl_tokens_note(row)}"
+
+
+def _kl_tokens_note(row: pd.Series) -> str:
+    """` (768 of the reference's 2048 tokens)` where the row's KL covers other tokens than its reference's
+    outputs, ` (768 tokens)` where rows of one group differ among themselves (e.g. merged runs); else ''."""
+    tokens, reference = row["eval_tokens"], row.get("reference_eval_tokens")
+    if _missing(tokens):
+        return ""
+    if not _missing(reference) and int(tokens) != int(reference):
+        return f" ({int(tokens)} of the reference's {int(reference)} tokens)"
+    return f" ({int(tokens)} tokens)" if bool(row.get("_kl_tokens_differ", False)) else ""
+
+
+def _mark_kl_tokens(model_rows: pd.DataFrame) -> pd.DataFrame:
+    """Flag (column `_kl_tokens_differ`) the rows of groups whose KL rows cover different token counts."""
+    from harness.report.frame import GROUP
+
+    rows = model_rows.copy()
+    tokens = pd.to_numeric(rows["eval_tokens"], errors="coerce").where(rows["kl_mean"].notna())
+    keys = [c for c in GROUP if c in rows.columns]
+    rows["_kl_tokens_differ"] = tokens.groupby([rows[c] for c in keys], dropna=False).transform("nunique") > 1
+    return rows
 
 
 def _pct(value: object) -> str:
@@ -135,7 +157,7 @@ def comparison_table(model_rows: pd.DataFrame) -> Table:
     shown = [h for h, (src, _) in COMPARISON_COLUMNS.items() if h in ALWAYS or model_rows[src].notna().any()]
     headers = [*labels, "precision", "family", "status", *shown]
     rows = []
-    for _, r in model_rows.iterrows():
+    for _, r in _mark_kl_tokens(model_rows).iterrows():
         status = str(r["status"]) + (f" ({r['error_kind']})" if not _missing(r["error_kind"]) else "")
         identity = [str(r["precision"]), str(r["family"]), status]
         rows.append([str(r[c]) for c in labels] + identity + [COMPARISON_COLUMNS[h][1](r) for h in shown])
