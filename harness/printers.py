@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from harness.matrix import combo_id
-from harness.units import MIB as MB
+from harness.units import MIB, MIB_LABEL
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
@@ -31,7 +31,7 @@ def record_id(record: dict[str, Any]) -> str:
 def summary_table(records: Iterable[dict[str, Any]]) -> str:
     """One row per combination: status, load, size, memory, speed and quality at a glance."""
     headers = [
-        "combination", "status", "load_s", "weight MB", "peak memory MB", "device MB",
+        "combination", "status", "load_s", f"weight {MIB_LABEL}", f"peak memory {MIB_LABEL}", f"device {MIB_LABEL}",
         "prefill tok/s", "decode tok/s", "encode seq/s", "kl_mean", "cosine", "note",
     ]  # fmt: skip
     rows = []
@@ -44,9 +44,9 @@ def summary_table(records: Iterable[dict[str, Any]]) -> str:
                 record_id(r),
                 r["status"],
                 _fmt(r.get("load_s"), digits=3),
-                _fmt(r.get("weight_bytes"), MB),
-                _fmt(r.get("peak_memory_bytes") or r.get("peak_rss_bytes"), MB, 0),
-                _fmt(r.get("peak_device_allocated_bytes"), MB),
+                _fmt(r.get("weight_bytes"), MIB),
+                _fmt(r.get("peak_memory_bytes") or r.get("peak_rss_bytes"), MIB, 0),
+                _fmt(r.get("peak_device_allocated_bytes"), MIB),
                 _fmt(r.get("prefill_tok_s"), digits=0),
                 _fmt(r.get("decode_tok_s"), digits=1),
                 _fmt(r.get("encode_samples_s"), digits=1),

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from harness.units import MIB_LABEL
+
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
 ERROR_KINDS = ("oom", "timeout", "crash", "error")
@@ -124,16 +126,18 @@ class Record:
 
     # --- size -------------------------------------------------------------------------------
     weight_bytes: int | None = metric(
-        "bytes", False, "size", budget=True, label="weight MB"
+        "bytes", False, "size", budget=True, label=f"weight {MIB_LABEL}"
     )  # parameters + buffers + quant states, each storage once
     predicted_weight_bytes: int | None = None  # the memory plan's weights, from config.json before any load
     predicted_peak_bytes: int | None = None  # the plan's weights + KV cache + largest activation + load transient
-    checkpoint_bytes: int | None = metric("bytes", False, "size", label="checkpoint MB")  # weight files on disk
+    checkpoint_bytes: int | None = metric(
+        "bytes", False, "size", label=f"checkpoint {MIB_LABEL}"
+    )  # weight files on disk
 
     # --- host memory (worker process) -----------------------------------------------------
     rss_before_load_bytes: int | None = None  # baseline after imports, before from_pretrained
     peak_rss_bytes: int | None = metric(
-        "bytes", False, "memory", label="peak RSS MB"
+        "bytes", False, "memory", label=f"peak RSS {MIB_LABEL}"
     )  # kernel high-water mark over load + first forward
     peak_rss_anon_bytes: int | None = None  # sampled peak of anonymous memory, same span
     peak_rss_quality_bytes: int | None = None  # kernel high-water mark over the quality pass
@@ -151,7 +155,7 @@ class Record:
     peak_rss_anon_encode_bytes: int | None = None
     peak_rss_method: str | None = None  # clear_refs: kernel VmHWM reset per phase | sampled: 5-20 ms RSS samples
     peak_memory_bytes: int | None = metric(
-        "bytes", False, "memory", budget=True, label="peak memory MB"
+        "bytes", False, "memory", budget=True, label=f"peak memory {MIB_LABEL}"
     )  # headline: max over every phase of peak RSS (cpu) or allocator peak (cuda)
     peak_memory_phase: str | None = None  # the phase that set peak_memory_bytes
     rss_after_load_bytes: int | None = None  # = rss_anon + rss_file + rss_shmem, after load
@@ -161,7 +165,7 @@ class Record:
 
     # --- device memory (CUDA only) ---------------------------------------------------------
     peak_device_allocated_bytes: int | None = metric(
-        "bytes", False, "memory", label="device MB"
+        "bytes", False, "memory", label=f"device {MIB_LABEL}"
     )  # allocator peak over load + first forward
     peak_device_reserved_bytes: int | None = None
     device_process_bytes: int | None = None  # NVML: this process's use after load

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.records import METRICS
-from harness.units import MIB as MB
+from harness.units import MIB
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _cold_load(row: pd.Series) -> str:
 
 def _peak_memory(row: pd.Series) -> str:
     """The headline peak over every phase, with the phase that set it, e.g. `2631 (quality)`."""
-    text = num(row["peak_memory_bytes"], 3, MB)
+    text = num(row["peak_memory_bytes"], 3, MIB)
     phase = row["peak_memory_phase"]
     return text if text == "-" or _missing(phase) else f"{text} ({phase})"
 
@@ -126,12 +126,15 @@ def _contended(row: pd.Series) -> str:
 COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
     _label("load_s"): ("load_s", _rel_col("load_s")),
     _label("load_cold_s"): ("load_cold_s", _cold_load),
-    _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MB)),
+    _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MIB)),
     "plan weight err": ("predicted_weight_bytes", _plan_error("weight_bytes")),
-    _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
+    _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MIB)),
     _label("peak_memory_bytes"): ("peak_memory_bytes", _peak_memory),
     "plan peak err": ("predicted_peak_bytes", _plan_error("peak_memory_bytes")),
-    _label("peak_device_allocated_bytes"): ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
+    _label("peak_device_allocated_bytes"): (
+        "peak_device_allocated_bytes",
+        _rel_col("peak_device_allocated_bytes", MIB),
+    ),
     _label("prefill_tok_s"): ("prefill_tok_s", _rel_col("prefill_tok_s")),
     _label("decode_tok_s"): ("decode_tok_s", _rel_col("decode_tok_s")),
     _label("encode_samples_s"): ("encode_samples_s", _rel_col("encode_samples_s")),
