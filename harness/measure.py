@@ -141,6 +141,7 @@ def measure_load(
 
 
 PHASES = ("load", "first_forward", "prefill", "decode", "encode", "quality")
+ROUNDTRIP_PARTS = ("roundtrip_live_max_abs_diff", "roundtrip_reload_max_abs_diff")  # set by backends that split it
 
 
 def intra_op_threads() -> int | None:
@@ -279,16 +280,22 @@ def measure_after_load(
             fields.update(quality)
             for name in quality:
                 reasons.pop(name, None)
+    roundtrip_fields = ("roundtrip_max_abs_diff", *ROUNDTRIP_PARTS)
     if options.roundtrip:
         batch = first_input(kind, eval_ids)
         try:
             fields["roundtrip_max_abs_diff"] = backend.roundtrip_max_abs_diff(
                 batch["input_ids"], batch["attention_mask"]
             )
+            parts = getattr(backend, "roundtrip_parts", {})
+            for name in ROUNDTRIP_PARTS:
+                fields[name] = parts.get(name)
+                if fields[name] is None:
+                    reasons[name] = f"the {backend.framework} backend measures only the whole round trip"
         except NotImplementedError as exc:
-            na(fields, reasons, f"not serializable: {exc}", "roundtrip_max_abs_diff")
+            na(fields, reasons, f"not serializable: {exc}", *roundtrip_fields)
     else:
-        na(fields, reasons, "round trip not requested (--roundtrip)", "roundtrip_max_abs_diff")
+        na(fields, reasons, "round trip not requested (--roundtrip)", *roundtrip_fields)
     fields.update(phase_fields(phases, backend.spec.device, reasons))
     fields["budget_limited"] = list(fields.get("budget_limited", []))
     fields["device_process_end_bytes"] = backend.device_memory().get("device_process_bytes")

@@ -259,6 +259,8 @@ class Record:
         "spearman", True, "quality", label="rank agree"
     )  # Spearman of pair similarities vs the reference
     roundtrip_max_abs_diff: float | None = None  # outputs after save_pretrained -> from_pretrained
+    roundtrip_live_max_abs_diff: float | None = None  # the live model's outputs after save_pretrained vs before
+    roundtrip_reload_max_abs_diff: float | None = None  # the reloaded model's outputs vs the live one's after the save
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
