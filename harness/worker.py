@@ -7,6 +7,7 @@ worker that never answers (timeout, signal) into a failure record itself.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import resource
 import sys
@@ -187,6 +188,7 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash should end fast, not dump GBs
     _fixed_mmap_threshold()
     _redirect_output(job.log_path)
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves every thread's Python stack in the log
     _quiet_libraries()
     watchdog = None
     if job.options.memory_limit_bytes:
