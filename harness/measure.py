@@ -31,16 +31,27 @@ def release_load_leftovers(backend: Any) -> None:
         release_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
 
 
-def page_cache_residency(source: str, allow_pickle: bool = False) -> float | None:
-    """Share of the checkpoint's weight-file pages in the page cache now (mincore), None where the
-    source is not a local directory or the files cannot be mapped."""
+def load_files(backend: Any) -> list[Path] | None:
+    """The files the backend's load reads, once prepare() ran: the GGUF file llama.cpp loads (its
+    backend's `gguf`), else the checkpoint's weight files; None where the source is not a local directory."""
     from harness.models import weight_files
+
+    gguf = getattr(backend, "gguf", None)
+    if gguf is not None:
+        return [Path(gguf.path)]
+    if not Path(backend.spec.source).is_dir():
+        return None
+    return [Path(p) for p in weight_files(backend.spec.source, backend.spec.allow_pickle)]
+
+
+def page_cache_residency(backend: Any) -> float | None:
+    """Share of the pages of the files the load reads that are in the page cache now (mincore), None
+    where there are no local files or they cannot be mapped."""
     from harness.pagecache import resident_fraction
 
-    if not Path(source).is_dir():
-        return None
     try:
-        return resident_fraction(Path(p) for p in weight_files(source, allow_pickle))
+        files = load_files(backend)
+        return None if files is None else resident_fraction(files)
     except OSError:
         return None
 
@@ -93,9 +104,7 @@ def measure_load(
     if before_load is not None:
         before_load()
     # what this load starts from: ~1.0 for a warm load, ~0.0 after the cold load's drop
-    fields["page_cache_resident_frac_before_load"] = page_cache_residency(
-        backend.spec.source, backend.spec.allow_pickle
-    )
+    fields["page_cache_resident_frac_before_load"] = page_cache_residency(backend)
     with PhaseMeter("load", backend, timed=True) as load_phase:
         with Timer(backend.synchronize) as load_timer:
             backend.load()
