@@ -18,18 +18,44 @@ FIRST_FORWARD_TOKENS = 16
 
 
 def release_load_leftovers(backend: Any) -> None:
-    """Quantized precisions: page out the checkpoint pages the quantizer read while loading, which
-    stay file-backed in RSS while the file is still mapped (harness.pagecache.page_out_mappings).
-    Float precisions are left alone: there the mapped pages are the weights themselves."""
+    """Quantized precisions: drop from RSS the checkpoint pages the quantizer read while loading, which
+    stay file-backed in RSS while the file is still mapped (harness.pagecache.release_mappings keeps
+    them in the page cache, so the next warm load stays warm). Float precisions are left alone: there
+    the mapped pages are the weights themselves."""
     from harness.models import weight_files
-    from harness.pagecache import page_out_mappings
+    from harness.pagecache import release_mappings
     from harness.registry import PRECISIONS
 
     precision = PRECISIONS.get(backend.spec.precision)
     if precision is None or not precision.quantized or not Path(backend.spec.source).is_dir():
         return
-    with contextlib.suppress(OSError):  # a weight file gone, or no /proc: nothing to page out
-        page_out_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
+    with contextlib.suppress(OSError):  # a weight file gone, or no /proc: nothing to release
+        release_mappings(weight_files(backend.spec.source, backend.spec.allow_pickle))
+
+
+def page_cache_residency(backend: Any) -> float | None:
+    """Share of the pages of the files the load reads that are in the page cache now (mincore), None
+    where there are no local files or they cannot be mapped."""
+    from harness.pagecache import resident_fraction
+
+    try:
+        files = loaded_files(backend)
+        return resident_fraction(files) if files else None
+    except OSError:
+        return None
+
+
+def load_residency_fields(loads: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
+    """Page-cache residency before each warm load behind load_s (`loads`: the workers' fields, in
+    load_s_samples' order): the samples, and their minimum, so one partly cold sample shows."""
+    name = "page_cache_resident_frac_before_load"
+    samples = [fields.get(name) for fields in loads]
+    known = [s for s in samples if s is not None]
+    if not known:
+        reasons[name] = "no residency read: the checkpoint is not a local directory of weight files"
+        return {name: None, f"{name}_samples": samples}
+    reasons.pop(name, None)
+    return {name: min(known), f"{name}_samples": samples}
 
 
 def loaded_files(backend: Any) -> list[Path]:
@@ -73,14 +99,17 @@ def measure_load(
     """Load the model and run the first forward; time both, each its own memory/contention phase.
 
     `before_load` runs right before the timed load, after imports and device set-up (the cold load
-    drops the checkpoint's pages there). `first_forward=False` (the finetune scenario) stops after
-    the load: an eval-mode forward would repack bitsandbytes' 4-bit weights on AVX512-BF16 CPUs into
-    a layout that does not train. The phase results are in fields["_phases"], for
-    measure_after_load's headline; the worker removes the key.
+    drops the checkpoint's pages there); then the checkpoint's page-cache residency is read
+    (page_cache_resident_frac_before_load), so every load says whether it started warm.
+    `first_forward=False` (the finetune scenario) stops after the load: an eval-mode forward would
+    repack bitsandbytes' 4-bit weights on AVX512-BF16 CPUs into a layout that does not train. The
+    phase results are in fields["_phases"], for measure_after_load's headline; the worker removes the key.
     """
     fields: dict[str, Any] = dict(backend.prepare())  # quantizer import and CUDA context: outside load_s
     if before_load is not None:
         before_load()
+    # what this load starts from: ~1.0 for a warm load, ~0.0 after the cold load's drop
+    fields["page_cache_resident_frac_before_load"] = page_cache_residency(backend)
     with PhaseMeter("load", backend, timed=True) as load_phase:
         with Timer(backend.synchronize) as load_timer:
             backend.load()
@@ -132,6 +161,7 @@ def measure_load(
 
 
 PHASES = ("load", "first_forward", "prefill", "decode", "encode", "quality", *TRAIN_PHASES)
+ROUNDTRIP_PARTS = ("roundtrip_live_max_abs_diff", "roundtrip_reload_max_abs_diff")  # set by backends that split it
 
 
 def intra_op_threads() -> int | None:
@@ -290,16 +320,22 @@ def measure_after_load(
             fields.update(quality)
             for name in quality:
                 reasons.pop(name, None)
+    roundtrip_fields = ("roundtrip_max_abs_diff", *ROUNDTRIP_PARTS)
     if options.roundtrip:
         batch = first_input(kind, eval_ids)
         try:
             fields["roundtrip_max_abs_diff"] = backend.roundtrip_max_abs_diff(
                 batch["input_ids"], batch["attention_mask"]
             )
+            parts = getattr(backend, "roundtrip_parts", {})
+            for name in ROUNDTRIP_PARTS:
+                fields[name] = parts.get(name)
+                if fields[name] is None:
+                    reasons[name] = f"the {backend.framework} backend measures only the whole round trip"
         except NotImplementedError as exc:
-            na(fields, reasons, f"not serializable: {exc}", "roundtrip_max_abs_diff")
+            na(fields, reasons, f"not serializable: {exc}", *roundtrip_fields)
     else:
-        na(fields, reasons, "round trip not requested (--roundtrip)", "roundtrip_max_abs_diff")
+        na(fields, reasons, "round trip not requested (--roundtrip)", *roundtrip_fields)
     fields.update(phase_fields(phases, backend.spec.device, reasons))
     fields["budget_limited"] = list(fields.get("budget_limited", []))
     fields["device_process_end_bytes"] = backend.device_memory().get("device_process_bytes")

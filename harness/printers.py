@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from harness.matrix import combo_id
-from harness.units import MIB as MB
+from harness.units import MIB, MIB_LABEL
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
@@ -47,7 +47,7 @@ def _note(record: dict[str, Any]) -> str:
 def finetune_summary_table(records: Iterable[dict[str, Any]]) -> str:
     """The finetune scenario: one row per combination, training cost and outcome at a glance."""
     headers = ["combination", "status", "method", "trainable", "step s", "train tok/s", "loss first -> last",
-               "train peak MB", "plan MB", "adapter KL", "merged KL", "note"]  # fmt: skip
+               f"train peak {MIB_LABEL}", f"plan {MIB_LABEL}", "adapter KL", "merged KL", "note"]  # fmt: skip
     rows = []
     for r in records:
         planned = [r.get(f"predicted_train_{p}_bytes") for p in ("forward", "backward", "optimizer")]
@@ -55,7 +55,7 @@ def finetune_summary_table(records: Iterable[dict[str, Any]]) -> str:
         rows.append([
             record_id(r), r["status"], _fmt(r.get("lora_method")), _fmt(r.get("trainable_params")),
             _fmt(r.get("train_step_s"), digits=3), _fmt(r.get("train_tok_s"), digits=0), losses,
-            _fmt(r.get("train_peak_bytes"), MB, 0), _fmt(max((p for p in planned if p), default=None), MB, 0),
+            _fmt(r.get("train_peak_bytes"), MIB, 0), _fmt(max((p for p in planned if p), default=None), MIB, 0),
             _fmt(r.get("adapter_roundtrip_kl"), digits=6), _fmt(r.get("merged_kl"), digits=6), _note(r),
         ])  # fmt: skip
     return markdown(headers, rows)
@@ -64,7 +64,7 @@ def finetune_summary_table(records: Iterable[dict[str, Any]]) -> str:
 def inference_summary_table(records: Iterable[dict[str, Any]]) -> str:
     """One row per combination: status, load, size, memory, speed and quality at a glance."""
     headers = [
-        "combination", "status", "load_s", "weight MB", "peak memory MB", "device MB",
+        "combination", "status", "load_s", f"weight {MIB_LABEL}", f"peak memory {MIB_LABEL}", f"device {MIB_LABEL}",
         "prefill tok/s", "decode tok/s", "encode seq/s", "kl_mean", "cosine", "note",
     ]  # fmt: skip
     rows = []
@@ -75,9 +75,9 @@ def inference_summary_table(records: Iterable[dict[str, Any]]) -> str:
                 record_id(r),
                 r["status"],
                 _fmt(r.get("load_s"), digits=3),
-                _fmt(r.get("weight_bytes"), MB),
-                _fmt(r.get("peak_memory_bytes") or r.get("peak_rss_bytes"), MB, 0),
-                _fmt(r.get("peak_device_allocated_bytes"), MB),
+                _fmt(r.get("weight_bytes"), MIB),
+                _fmt(r.get("peak_memory_bytes") or r.get("peak_rss_bytes"), MIB, 0),
+                _fmt(r.get("peak_device_allocated_bytes"), MIB),
                 _fmt(r.get("prefill_tok_s"), digits=0),
                 _fmt(r.get("decode_tok_s"), digits=1),
                 _fmt(r.get("encode_samples_s"), digits=1),

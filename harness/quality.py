@@ -18,7 +18,11 @@ from harness.config import RunOptions
 from harness.corpus import eval_text
 
 EVAL_TOKENS_FLOOR = 512  # never fewer: 16 bootstrap blocks of 32 tokens, so the KL CI stays meaningful
-QUALITY_BUDGET_FACTOR = 15  # the quality forwards may take this many phase budgets (--time-budget)
+QUALITY_BUDGET_FACTOR = 15  # the reference's quality forwards may take this many phase budgets (--time-budget)
+# A precision compares the reference's tokens unless that takes it more than this many times the quality
+# budget (a precision that much slower than the reference, e.g. fp16 on a CPU without native fp16):
+# then it compares fewer, and its record (eval_tokens < reference_eval_tokens) and the report say so.
+QUALITY_OVERRUN_FACTOR = 4
 CHUNK_TOKENS = 256  # tokens per forward of the quality pass: its logits are CHUNK_TOKENS x vocab x 4 bytes
 COMPARE_BLOCK_TOKENS = 32  # rows per float64 block of the comparison
 BOOTSTRAP_RESAMPLES = 1000
@@ -30,7 +34,7 @@ SEED = 0
 CAUSAL_FIELDS = (
     "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", "kl_p99", "top1_agree", "ppl", "ppl_delta_frac",
     "ppl_delta_frac_ci_low", "ppl_delta_frac_ci_high", "max_abs_logit_diff", "greedy_match_frac",
-    "greedy_token_agree", "greedy_tokens_generated",
+    "greedy_token_agree", "greedy_tokens_generated", "reference_eval_tokens",
 )  # fmt: skip
 ENCODER_FIELDS = ("embed_cosine_mean", "embed_cosine_min", "rank_agree")
 
@@ -391,25 +395,33 @@ def causal_quality(
 ) -> dict[str, Any]:
     """Stream the eval text chunk by chunk: write each chunk's logits (reference) and/or compare them.
 
-    The reference's logits go to a memory-mapped .npy, so no worker ever holds [tokens, vocab].
-    Slow models compare fewer tokens (scaled_eval_tokens): the first chunks of the reference's,
-    so every precision is compared on a prefix of the same text. Greedy prompts always come from
-    the whole eval text, as the reference's did.
+    The reference's logits go to a .npy written and read chunk by chunk, so no worker ever holds
+    [tokens, vocab]. The token count is decided once per model and device, by the reference
+    (scaled_eval_tokens on its own forward rate), and every other precision compares exactly the
+    reference's tokens, so the rows of one model are comparable; only a precision that would take
+    more than QUALITY_OVERRUN_FACTOR quality budgets for them compares fewer (a prefix of the same
+    text), and eval_tokens < reference_eval_tokens says so. Greedy prompts always come from the whole
+    eval text, as the reference's did.
     """
     all_chunks = eval_chunks(eval_ids)
-    tokens = scaled_eval_tokens(all_chunks.size, forward_tok_s, quality_budget_s(options))
-    chunks = all_chunks[: max(tokens // all_chunks.shape[1], 1)]
-    writer = None
+    width = all_chunks.shape[1]
     reference_logits = None
-    comparison = CausalComparison()
     if reference_path is not None and reference_path != write_path:
         reference_logits = LogitsFile(logits_path(reference_path), "r")
         with np.load(reference_path) as data:
             reference_chunks = data["chunks"]
-        chunks = chunks[: len(reference_chunks)]
+        budget_s = QUALITY_OVERRUN_FACTOR * quality_budget_s(options)
+        tokens = scaled_eval_tokens(reference_chunks.size, forward_tok_s, budget_s)
+        chunks = all_chunks[: min(len(reference_chunks), max(tokens // width, 1))]
         if reference_chunks.shape[1] != chunks.shape[1] or not (reference_chunks[: len(chunks)] == chunks).all():
             raise ValueError("the eval tokens differ from the reference's: both must use the same tokenizer and text")
-    width = chunks.shape[1]
+        reference_tokens = int(reference_chunks.size)
+    else:  # the reference: it decides the token count for its model and device
+        tokens = scaled_eval_tokens(all_chunks.size, forward_tok_s, quality_budget_s(options))
+        chunks = all_chunks[: max(tokens // width, 1)]
+        reference_tokens = int(chunks.size)
+    writer = None
+    comparison = CausalComparison()
     for index, row in enumerate(chunks):
         logits = backend.logits(row[None, :])[0]
         if write_path is not None:
@@ -434,7 +446,10 @@ def causal_quality(
         return {}
     with np.load(reference_path) as data:
         reference_greedy = data["greedy"]
-    return comparison.result(reference_greedy, greedy) | {"eval_tokens_requested": int(all_chunks.size)}
+    return comparison.result(reference_greedy, greedy) | {
+        "eval_tokens_requested": int(all_chunks.size),
+        "reference_eval_tokens": reference_tokens,
+    }
 
 
 def measure_quality(

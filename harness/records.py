@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from harness.units import MIB_LABEL
+
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
 ERROR_KINDS = ("oom", "timeout", "crash", "error")
@@ -106,6 +108,10 @@ class Record:
         "s", False, "load", label="cold load_s"
     )  # a load after dropping the checkpoint's pages from the page cache (own worker)
     page_cache_resident_frac_before: float | None = None  # share of checkpoint pages cached when load_cold_s began
+    page_cache_resident_frac_before_load: float | None = None  # the least-cached start among the warm loads (mincore)
+    page_cache_resident_frac_before_load_samples: list[float | None] = field(
+        default_factory=list
+    )  # per warm load, in load_s_samples' order: ~1.0 warm; lower means that sample read the disk
     raw_read_bytes_s: float | None = None  # sequential cold read of the weight files, same run (16 MiB reads)
     load_cold_bandwidth_frac: float | None = None  # (checkpoint_bytes / load_cold_s) / raw_read_bytes_s
     convert_s: float | None = None  # llama.cpp: seconds this worker spent converting/quantizing to GGUF (0: cached)
@@ -121,16 +127,18 @@ class Record:
 
     # --- size -------------------------------------------------------------------------------
     weight_bytes: int | None = metric(
-        "bytes", False, "size", budget=True, label="weight MB"
+        "bytes", False, "size", budget=True, label=f"weight {MIB_LABEL}"
     )  # parameters + buffers + quant states, each storage once
     predicted_weight_bytes: int | None = None  # the memory plan's weights, from config.json before any load
     predicted_peak_bytes: int | None = None  # the plan's weights + KV cache + largest activation + load transient
-    checkpoint_bytes: int | None = metric("bytes", False, "size", label="checkpoint MB")  # weight files on disk
+    checkpoint_bytes: int | None = metric(
+        "bytes", False, "size", label=f"checkpoint {MIB_LABEL}"
+    )  # weight files on disk
 
     # --- host memory (worker process) -----------------------------------------------------
     rss_before_load_bytes: int | None = None  # baseline after imports, before from_pretrained
     peak_rss_bytes: int | None = metric(
-        "bytes", False, "memory", label="peak RSS MB"
+        "bytes", False, "memory", label=f"peak RSS {MIB_LABEL}"
     )  # kernel high-water mark over load + first forward
     peak_rss_anon_bytes: int | None = None  # sampled peak of anonymous memory, same span
     peak_rss_quality_bytes: int | None = None  # kernel high-water mark over the quality pass
@@ -148,7 +156,7 @@ class Record:
     peak_rss_anon_encode_bytes: int | None = None
     peak_rss_method: str | None = None  # clear_refs: kernel VmHWM reset per phase | sampled: 5-20 ms RSS samples
     peak_memory_bytes: int | None = metric(
-        "bytes", False, "memory", budget=True, label="peak memory MB"
+        "bytes", False, "memory", budget=True, label=f"peak memory {MIB_LABEL}"
     )  # headline: max over every phase of peak RSS (cpu) or allocator peak (cuda)
     peak_memory_phase: str | None = None  # the phase that set peak_memory_bytes
     rss_after_load_bytes: int | None = None  # = rss_anon + rss_file + rss_shmem, after load
@@ -158,7 +166,7 @@ class Record:
 
     # --- device memory (CUDA only) ---------------------------------------------------------
     peak_device_allocated_bytes: int | None = metric(
-        "bytes", False, "memory", label="device MB"
+        "bytes", False, "memory", label=f"device {MIB_LABEL}"
     )  # allocator peak over load + first forward
     peak_device_reserved_bytes: int | None = None
     device_process_bytes: int | None = None  # NVML: this process's use after load
@@ -225,6 +233,7 @@ class Record:
     reference_model: str | None = None  # the model the reference precision ran on (itself, or --reference-model)
     eval_tokens: int | None = None  # tokens the quality pass compared (after harness.quality.scaled_eval_tokens)
     eval_tokens_requested: int | None = None  # --eval-tokens (cut to what the text and the reference hold)
+    reference_eval_tokens: int | None = None  # tokens the reference's outputs cover (decided once per model, device)
     kl_mean: float | None = metric(
         "nats", False, "quality", budget=True, label="kl_mean"
     )  # mean per-token KL(reference || this), nats
@@ -251,8 +260,12 @@ class Record:
         "spearman", True, "quality", label="rank agree"
     )  # Spearman of pair similarities vs the reference
     roundtrip_max_abs_diff: float | None = None  # outputs after save_pretrained -> from_pretrained
+    roundtrip_live_max_abs_diff: float | None = None  # the live model's outputs after save_pretrained vs before
+    roundtrip_reload_max_abs_diff: float | None = None  # the reloaded model's outputs vs the live one's after the save
 
     # --- fine-tuning (scenario "finetune", harness.finetune): N optimizer steps on one fixed batch ---
+    # Every field from here to the end belongs to the finetune scenario (harness.finetune.training_fields):
+    # add inference fields above this section.
     lora_method: str | None = None  # plain (LoRA on the layers as loaded) | kbit (QLoRA) | full (no adapter)
     lora_rank: int | None = None  # 0: full fine-tuning
     lora_alpha: int | None = None  # as the framework applies it (peft: --lora-alpha; Keras: the rank)
@@ -269,7 +282,7 @@ class Record:
     trainable_param_bytes: int | None = None
     optimizer_state_bytes: int | None = None  # every optimizer state tensor after the last step, each storage once
     adapter_bytes: int | None = metric(
-        "bytes", False, "finetune", label="adapter MB"
+        "bytes", False, "finetune", label=f"adapter {MIB_LABEL}"
     )  # the saved adapter (adapter_model.safetensors), or the whole model's weights for full fine-tuning
     train_step_s: float | None = metric(
         "s", False, "finetune", samples="train_step_s_samples", budget=True, label="step s"
@@ -301,7 +314,7 @@ class Record:
     peak_device_allocated_train_optimizer_bytes: int | None = None
     peak_device_reserved_train_bytes: int | None = None  # allocator reserved pool at its largest over training
     train_peak_bytes: int | None = metric(
-        "bytes", False, "finetune", budget=True, label="train peak MB"
+        "bytes", False, "finetune", budget=True, label=f"train peak {MIB_LABEL}"
     )  # the largest training phase's peak above rss_before_load (host) or the allocator's peak (cuda)
     train_peak_phase: str | None = None
     predicted_train_forward_bytes: int | None = None  # the training plan (harness.trainplan), before any load,

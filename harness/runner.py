@@ -18,6 +18,7 @@ from harness.environment import Environment, collect_environment
 from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
+from harness.measure import load_residency_fields
 from harness.models import (
     ModelSource,
     materialize,
@@ -460,6 +461,7 @@ class Runner:
             reasons["load_s_samples"] = f"{len(failed)} repeat(s) failed: {failed[0].error}"
         load_s, load_iqr = median_iqr(samples)
         fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples, load_s_ci_rel=ci_rel_or_none(samples))
+        fields.update(load_residency_fields([main.fields] + [r.fields for r in extra if r.ok], reasons))
         reasons.pop("load_s_ci_rel", None)
         if fields["load_s_ci_rel"] is None:
             reasons["load_s_ci_rel"] = "a single load: no CI"

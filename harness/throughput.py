@@ -39,8 +39,18 @@ def repeat_policy(options: RunOptions) -> RepeatPolicy:
     return RepeatPolicy(policy.target_ci_rel, policy.budget_s, policy.min_samples, policy.min_time_s, cap)
 
 
-def timed_repeats(run: Callable[[], Any], synchronize: Callable[[], None], options: RunOptions) -> RepeatOutcome:
-    """Seconds per call: `warmup` untimed calls, then timed ones until harness.repeats says stop."""
+def timed_repeats(
+    run: Callable[[], Any],
+    synchronize: Callable[[], None],
+    options: RunOptions,
+    rate_of: Callable[[float], float] | None = None,
+) -> RepeatOutcome:
+    """`warmup` untimed calls, then timed ones until harness.repeats says stop.
+
+    Each sample's value is `rate_of(seconds)` where given (the rate the phase reports), else the
+    seconds: the stop rule and the reported CI (`RepeatOutcome.ci_rel`) are over the same numbers.
+    The time budget counts the seconds.
+    """
     for _ in range(options.warmup):
         run()
     synchronize()
@@ -51,7 +61,7 @@ def timed_repeats(run: Callable[[], Any], synchronize: Callable[[], None], optio
         run()
         synchronize()
         elapsed = time.perf_counter() - start
-        return elapsed, elapsed
+        return (rate_of(elapsed) if rate_of else elapsed), elapsed
 
     return repeat_until(one, repeat_policy(options))
 
@@ -70,21 +80,19 @@ def prompt_batch(eval_ids: np.ndarray, prompt_length: int, batch_size: int) -> n
 
 def measure_prefill(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
     """Tokens per second of one forward over the prompt (as generate's prefill runs it)."""
-    outcome = timed_repeats(lambda: backend.prefill(ids), backend.synchronize, options)
-    rates = [ids.size / s for s in outcome.values]
-    median, iqr = median_iqr(rates)
-    return {"prefill_tok_s": median, "prefill_tok_s_iqr": iqr, "prefill_tok_s_samples": rates,
-            "prefill_tok_s_ci_rel": ci_rel_or_none(rates), "budget_limited": ["prefill"] * outcome.budget_limited}  # fmt: skip
+    outcome = timed_repeats(lambda: backend.prefill(ids), backend.synchronize, options, lambda s: ids.size / s)
+    median, iqr = median_iqr(outcome.values)
+    return {"prefill_tok_s": median, "prefill_tok_s_iqr": iqr, "prefill_tok_s_samples": outcome.values,
+            "prefill_tok_s_ci_rel": outcome.ci_rel, "budget_limited": ["prefill"] * outcome.budget_limited}  # fmt: skip
 
 
 def measure_encode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
     """Sequences per second of an encoder forward."""
     mask = np.ones_like(ids)
-    outcome = timed_repeats(lambda: backend.embed(ids, mask), backend.synchronize, options)
-    rates = [ids.shape[0] / s for s in outcome.values]
-    median, iqr = median_iqr(rates)
-    return {"encode_samples_s": median, "encode_samples_s_iqr": iqr, "encode_samples_s_samples": rates,
-            "encode_samples_s_ci_rel": ci_rel_or_none(rates), "budget_limited": ["encode"] * outcome.budget_limited}  # fmt: skip
+    outcome = timed_repeats(lambda: backend.embed(ids, mask), backend.synchronize, options, lambda s: ids.shape[0] / s)
+    median, iqr = median_iqr(outcome.values)
+    return {"encode_samples_s": median, "encode_samples_s_iqr": iqr, "encode_samples_s_samples": outcome.values,
+            "encode_samples_s_ci_rel": outcome.ci_rel, "budget_limited": ["encode"] * outcome.budget_limited}  # fmt: skip
 
 
 def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> dict[str, Any]:
@@ -120,14 +128,15 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
     token_times: list[float] = []
 
     def one() -> tuple[float, float]:
-        """One timed generate; its value is the generate's seconds (the rate's CI is reported)."""
+        """One timed generate: (its decode rate, its seconds). The stop rule sees the decode rate, the
+        quantity decode_tok_s_ci_rel reports (with 1 new token there is no decode: the generate rate)."""
         nonlocal token_times
         elapsed, token_times = one_generate()
         ttfts.append(token_times[0])
         latencies.extend(np.diff(token_times).tolist())
         decode_rates.append(batch * (steps - 1) / (token_times[-1] - token_times[0]) if steps > 1 else float("nan"))
         generate_rates.append(batch * steps / elapsed)
-        return elapsed, elapsed
+        return (decode_rates[-1] if steps > 1 else generate_rates[-1]), elapsed
 
     outcome = repeat_until(one, repeat_policy(options))
     median, iqr = median_iqr(decode_rates)
@@ -135,7 +144,7 @@ def measure_decode(backend: Backend, ids: np.ndarray, options: RunOptions) -> di
         "decode_tok_s": median,
         "decode_tok_s_iqr": iqr,
         "decode_tok_s_samples": decode_rates,
-        "decode_tok_s_ci_rel": ci_rel_or_none(decode_rates) if steps > 1 else None,
+        "decode_tok_s_ci_rel": outcome.ci_rel if steps > 1 else None,
         "budget_limited": ["decode"] * outcome.budget_limited,
         "decode_token_times_s": token_times,
         "generate_tok_s": statistics.median(generate_rates),

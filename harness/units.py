@@ -1,4 +1,9 @@
-"""Byte units and how sizes are printed: one place for the constants and the format."""
+"""Byte units and how sizes are printed: one place for the constants, the labels and the format.
+
+One convention for every size the harness prints (reports, console tables, plans, README): binary
+units, 1 MiB = 2**20 bytes and 1 GiB = 2**30 bytes, labelled MiB and GiB; never MB or GB, which are
+10**6 and 10**9 bytes. Record fields stay in bytes (`_bytes`); rates in bytes per second.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import math
 
 MIB = 1 << 20
 GIB = 1 << 30
+MIB_LABEL = "MiB"  # the unit of size columns, e.g. `weight MiB`
+UNITS_NOTE = "Sizes in binary units: 1 MiB = 2^20 bytes, 1 GiB = 2^30 bytes."
 
 
 def human_bytes(n: float | None) -> str:

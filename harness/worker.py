@@ -7,6 +7,7 @@ worker that never answers (timeout, signal) into a failure record itself.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import resource
 import sys
@@ -170,20 +171,21 @@ def drop_weight_pages(backend: Any) -> tuple[int, float, float]:
 def cold_load_fields(backend: Any, kind: str, eval_ids: Any) -> dict[str, Any]:
     """A cold load: after prepare(), a raw cold read of the weight files, drop their pages, check residency, load.
 
-    Returns load_cold_s, page_cache_resident_frac_before, raw_read_bytes_s, load_cold_bandwidth_frac.
+    Returns load_cold_s, page_cache_resident_frac_before (measure_load's residency right before the
+    load clock), raw_read_bytes_s, load_cold_bandwidth_frac.
     """
     from harness.measure import measure_load
 
     dropped: list[tuple[int, float, float]] = []
     fields = measure_load(backend, kind, eval_ids, before_load=lambda: dropped.append(drop_weight_pages(backend)))
     fields.pop("_phases")
-    read_bytes, read_s, residency = dropped[0]
+    read_bytes, read_s, _ = dropped[0]
     raw_rate = read_bytes / read_s if read_s > 0 else None
     load_cold_s = fields["load_s"]
     checkpoint = fields.get("checkpoint_bytes")
     return {
         "load_cold_s": load_cold_s,
-        "page_cache_resident_frac_before": residency,
+        "page_cache_resident_frac_before": fields["page_cache_resident_frac_before_load"],
         "raw_read_bytes_s": raw_rate,
         "load_cold_bandwidth_frac": checkpoint / load_cold_s / raw_rate if checkpoint and raw_rate else None,
     }
@@ -205,6 +207,7 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash should end fast, not dump GBs
     _fixed_mmap_threshold()
     _redirect_output(job.log_path)
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves every thread's Python stack in the log
     _quiet_libraries()
     watchdog = None
     if job.options.memory_limit_bytes:

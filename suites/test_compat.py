@@ -8,7 +8,7 @@ random weights skip the agreement test unless the matrix file gives them toleran
 
 import pytest
 
-from harness.checks import agreement_problems, load_problems, roundtrip_problems
+from harness.checks import agreement_problems, known_roundtrip_issue, load_problems, roundtrip_problems
 from harness.zoo import RANDOM_WEIGHTS_NOTE, ZOO
 
 
@@ -38,6 +38,9 @@ def test_survives_a_save_load_round_trip(harness_record):
     if harness_record["roundtrip_max_abs_diff"] is None:
         pytest.skip(harness_record["na_reasons"].get("roundtrip_max_abs_diff", "round trip not measured"))
     problems = roundtrip_problems(harness_record)
+    known = known_roundtrip_issue(harness_record)
+    if problems and known:  # a finding about the library, reported as such: xfailed with the numbers
+        pytest.xfail(f"{known} {problems[0]}")
     assert not problems, problems
 
 

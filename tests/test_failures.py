@@ -63,3 +63,13 @@ def test_every_failure_kind_becomes_a_record_and_the_run_goes_on(tmp_path: Path)
     lines = (tmp_path / "reports" / "run" / "results.jsonl").read_text().splitlines()
     stamps = [json.loads(line)["finished_at"] for line in lines]
     assert stamps == sorted(stamps) and len(lines) == 6
+
+
+def test_a_crashed_worker_leaves_its_python_stack_in_its_log(tmp_path: Path) -> None:
+    model = remote_code_checkpoint(tmp_path / "models", "segfault", behaviours(tmp_path / "unused")["segfault"])
+    (record,) = run_matrix(tmp_path / "reports", (str(model),), ("fp32",), repeats=1, trust_remote_code=True,
+                           throughput=False, quality=False)  # fmt: skip
+    assert record["error"] == f"worker died by {signal.SIGSEGV.name}"
+    (log,) = [p for p in (tmp_path / "reports" / "run" / "logs").glob("*segfault*.log") if "-plan" not in p.name]
+    text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text and "fault.py" in text  # where it crashed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import by_precision
 from harness.quality import compare_causal, compare_encoder, spearman
+from harness.zoo import ensure_built
 
 THROUGHPUT_CAUSAL = ("prefill_tok_s", "decode_tok_s", "generate_tok_s", "ttft_s", "token_latency_p50_s")
 
@@ -127,3 +129,29 @@ def test_comparison_metrics_on_hand_made_outputs() -> None:
     assert math.isclose(
         compare_encoder({"embeddings": emb, "pairs": pairs}, {"embeddings": emb})["embed_cosine_min"], 1
     )
+
+
+def test_every_precision_compares_the_reference_tokens_unless_far_slower(tmp_path: Path) -> None:
+    """The reference decides the token count once for its model and device (from its own forward rate);
+    a precision 3x slower compares the same tokens (it used to compare 3x fewer), one more than
+    QUALITY_OVERRUN_FACTOR x slower compares fewer and says so (eval_tokens < reference_eval_tokens)."""
+    from harness.backends.base import LoadSpec
+    from harness.backends.pytorch import PyTorchBackend
+    from harness.config import RunOptions
+    from harness.quality import QUALITY_OVERRUN_FACTOR, causal_quality, eval_token_ids, quality_budget_s
+
+    source = str(ensure_built("tiny-llama-trained"))
+    options = RunOptions(eval_tokens=2048, greedy_prompts=1, greedy_tokens=2)
+    ids = eval_token_ids(source, options)
+    per_s = 2 / quality_budget_s(options)  # a forward rate of per_s x N tok/s affords N tokens in the budget
+    reference_path = str(tmp_path / "reference.npz")
+    fp32 = PyTorchBackend(LoadSpec(source, "causal-lm", "fp32", "cpu"))
+    fp32.load()
+    reference = causal_quality(fp32, ids, options, reference_path, reference_path, per_s * 1536)
+    assert reference["eval_tokens"] == reference["reference_eval_tokens"] == 1536 < len(ids)
+    nf4 = PyTorchBackend(LoadSpec(source, "causal-lm", "nf4", "cpu"))
+    nf4.load()
+    slower = causal_quality(nf4, ids, options, reference_path, None, per_s * 512)
+    assert slower["eval_tokens"] == slower["reference_eval_tokens"] == 1536
+    far_slower = causal_quality(nf4, ids, options, reference_path, None, per_s * 1024 / QUALITY_OVERRUN_FACTOR)
+    assert (far_slower["eval_tokens"], far_slower["reference_eval_tokens"]) == (1024, 1536)

@@ -121,13 +121,13 @@ def test_comparison_table_rows_and_relative_columns(run1: Path) -> None:
     tables = {t.title.split()[0]: t for t in comparison_tables(frame)}
     llama, minilm = tables["tiny-llama"], tables["minilm"]
     assert [row[0] for row in llama.rows] == list(PRECISIONS) == [row[0] for row in minilm.rows]
-    assert llama.headers[:9] == ["precision", "family", "status", "load_s ↓", "weight MB ↓", "plan weight err",
-                                 "peak RSS MB ↓", "peak memory MB ↓", "plan peak err"]  # fmt: skip
+    assert llama.headers[:9] == ["precision", "family", "status", "load_s ↓", "weight MiB ↓", "plan weight err",
+                                 "peak RSS MiB ↓", "peak memory MiB ↓", "plan peak err"]  # fmt: skip
     err = llama.headers.index("plan weight err")
     assert all(row[err] == "+0.00%" for row in llama.rows)  # the memory plan is exact on the zoo
     assert {"prefill tok/s ↑", "decode tok/s ↑", "kl_mean ↓ ± CI", "ppl_delta % ↓", "top1 ↑"} <= set(llama.headers)
     assert {"encode seq/s ↑", "cosine ↑"} <= set(minilm.headers) and "decode tok/s ↑" not in minilm.headers
-    weight = llama.headers.index("weight MB ↓")
+    weight = llama.headers.index("weight MiB ↓")
     assert llama.rows[0][weight].endswith("(ref)") and llama.rows[1][weight].endswith("(0.50×)")
     assert all("×)" in row[weight] for row in llama.rows[1:])
     rel = frame.set_index(["model", "precision"])
@@ -365,3 +365,47 @@ def test_the_machine_column_flags_contended_rows_whatever_pandas_made_of_the_col
     for column in ([True, False], [True, None]):  # numpy bools in an all-bool column, objects otherwise
         frame = pd.DataFrame({"contended": column})
         assert [cell(row) for _, row in frame.iterrows()] == ["contended", ""]
+
+
+def test_kl_cells_say_when_rows_cover_different_tokens() -> None:
+    from harness.report.tables import COMPARISON_COLUMNS, _mark_kl_tokens
+
+    cell = COMPARISON_COLUMNS["kl_mean ↓ ± CI"][1]
+    group = {"model": "m", "framework": "pytorch", "device": "cpu", "hardware_id": "h", "stack": "s"}
+    same = pd.DataFrame(
+        [group | {"kl_mean": kl, "kl_mean_ci_low": None, "kl_mean_ci_high": None, "eval_tokens": 2048,
+                  "reference_eval_tokens": 2048} for kl in (0.0, 0.25)]
+    )  # fmt: skip
+    assert [cell(r) for _, r in _mark_kl_tokens(same).iterrows()] == ["0", "0.25"]
+    mixed = pd.DataFrame(
+        [
+            group | {"kl_mean": 0.0, "eval_tokens": 2048, "reference_eval_tokens": 2048},
+            group | {"kl_mean": 0.5, "eval_tokens": 1024, "reference_eval_tokens": 2048},  # a far slower precision
+            group | {"kl_mean": 0.25, "eval_tokens": 512, "reference_eval_tokens": None},  # from an older run
+            group | {"kl_mean": None, "eval_tokens": None, "reference_eval_tokens": None},  # failed: no KL
+        ]
+    ).assign(kl_mean_ci_low=None, kl_mean_ci_high=None)
+    assert [cell(r) for _, r in _mark_kl_tokens(mixed).iterrows()] == [
+        "0 (2048 tokens)", "0.5 (1024 of the reference's 2048 tokens)", "0.25 (512 tokens)", "-",
+    ]  # fmt: skip
+
+
+def test_sizes_are_in_binary_units_everywhere_and_say_so(run1: Path) -> None:
+    from harness.printers import summary_table
+    from harness.records import METRICS
+    from harness.report.frame import DERIVED_METRICS
+    from harness.storage import read_records
+    from harness.units import MIB, UNITS_NOTE
+
+    for name, info in {**METRICS, **DERIVED_METRICS}.items():
+        if info.unit == "bytes":
+            assert info.label.endswith(" MiB"), (name, info.label)
+    md = (run1 / "report" / "report.md").read_text()
+    assert UNITS_NOTE in md and " MB" not in md and " GB" not in md
+    frame, _ = load_frame([run1])
+    table = {t.title.split()[0]: t for t in comparison_tables(frame)}["tiny-llama"]
+    fp32 = frame[(frame["model"] == "tiny-llama") & (frame["precision"] == "fp32")].iloc[0]
+    cell = table.rows[0][table.headers.index("weight MiB ↓")]
+    assert float(cell.split()[0]) == pytest.approx(fp32["weight_bytes"] / MIB, rel=0.01)  # 3 digits; / 1e6 is 5 % more
+    summary = summary_table(read_records(run1))
+    assert "weight MiB" in summary.splitlines()[0] and " MB" not in summary

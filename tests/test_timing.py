@@ -21,6 +21,7 @@ import pytest
 
 from harness import throughput, trackers
 from harness.config import RunOptions
+from harness.repeats import median_ci_rel
 from harness.throughput import (
     MAX_REPEAT_FACTOR,
     measure_decode,
@@ -234,3 +235,36 @@ def test_repeat_extension_is_capped_at_10x_the_asked_repeats(device: DeviceDoubl
     assert len(timed_samples(lambda: device.prefill(ids()), device.synchronize, long)) == 20
     assert len(measure_decode(device, ids(), long)["decode_tok_s_samples"]) == 20
     assert len(measure_encode(device, ids(), long)["encode_samples_s_samples"]) == 20
+
+
+# --- the stop rule and the reported CI are over the same numbers ------------------------------
+
+
+class SlowFirstTokenDouble(DeviceDouble):
+    """A first token (prefill) that takes 1x, 4x, 16x, 1x, ... PREFILL_S while every later step takes
+    STEP_S: whole-generate seconds vary by up to 9x, decode rates (after the first token) not at all."""
+
+    def __init__(self) -> None:
+        super().__init__(max_positions=1024)
+        self.calls = 0
+
+    def generate(
+        self, input_ids: np.ndarray, new_tokens: int, on_token: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        self.calls += 1
+        for step in range(new_tokens):
+            first = PREFILL_S * 4 ** (self.calls % 3)
+            self._queue("decode-step", first if step == 0 else STEP_S)
+            if on_token:
+                on_token()
+        return np.zeros((input_ids.shape[0], new_tokens), dtype=np.int64)
+
+
+def test_decode_repeats_stop_on_the_decode_rate_they_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    double = SlowFirstTokenDouble()
+    monkeypatch.setattr(throughput, "time", DoubleClockTime(double))
+    decode = measure_decode(double, ids(), options(time_budget_s=10.0, target_ci_rel=0.05))
+    # stable decode rates: the CI target holds at the minimum samples (the generate seconds' CI is ~80 %)
+    assert decode["decode_tok_s_samples"] == [1 / STEP_S] * 3
+    assert decode["decode_tok_s_ci_rel"] == median_ci_rel(decode["decode_tok_s_samples"]) == 0.0
+    assert decode["budget_limited"] == []

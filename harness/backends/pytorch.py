@@ -85,6 +85,7 @@ class PyTorchBackend:
         self.compute_dtype: torch.dtype | None = None
         self.prefill_kwargs: dict[str, Any] = {}
         self.prefill_logits: str | None = None  # positions whose logits the prefill computes: last | all
+        self.roundtrip_parts: dict[str, float] = {}  # set by roundtrip_max_abs_diff
 
     @staticmethod
     def _torch_device(device: str) -> torch.device:
@@ -258,7 +259,15 @@ class PyTorchBackend:
 
     @_without_grad
     def roundtrip_max_abs_diff(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> float:
-        """save_pretrained to a temp dir, from_pretrained back (quantization config included), compare."""
+        """save_pretrained to a temp dir, from_pretrained back (quantization config included), compare with
+        the outputs before the save.
+
+        Also sets `roundtrip_parts`: the live model's outputs after the save against before it
+        (roundtrip_live_max_abs_diff: a save that changes the model in memory, as bitsandbytes 0.50.2
+        does on AVX512-BF16 CPUs) and the reloaded model's against the live one's after the save
+        (roundtrip_reload_max_abs_diff: what the load changed of what was saved). The live model is not
+        restored: the round trip is the worker's last measurement.
+        """
         import tempfile
 
         def outputs(model: Any) -> torch.Tensor:
@@ -269,10 +278,15 @@ class PyTorchBackend:
         before = outputs(self.model)
         with tempfile.TemporaryDirectory(prefix="harness-roundtrip-") as tmp:
             self.model.save_pretrained(tmp)
+            live = outputs(self.model)
             model_class = AutoModelForCausalLM if self.spec.kind == "causal-lm" else AutoModel
             kwargs = {"device_map": str(self.device)} if self.device.type != "xla" else {}
             reloaded = model_class.from_pretrained(tmp, dtype=self.storage_dtype, use_safetensors=True, **kwargs)
             after = outputs(reloaded.eval())
+        self.roundtrip_parts = {
+            "roundtrip_live_max_abs_diff": float((before - live).abs().max()),
+            "roundtrip_reload_max_abs_diff": float((live - after).abs().max()),
+        }
         return float((before - after).abs().max())
 
     def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20) -> float:

@@ -10,6 +10,7 @@ from harness.report.formats import Block, Bullets, Heading, Image, Text
 from harness.report.pareto import FRONTIER_GROUP, frontier_points
 from harness.report.recommend import Recommendation, human_bytes
 from harness.report.tables import Table, comparison_tables, compatibility_matrix, num
+from harness.units import UNITS_NOTE
 
 
 def overview(frame: pd.DataFrame, runs: list[Path]) -> list[Block]:
@@ -102,7 +103,10 @@ def build(
     """Every section in reading order."""
     blocks = overview(frame, runs)
     blocks += [Heading("Recommendation"), Bullets([r.sentence for r in recommendations] or ["no records"])]
-    blocks += [Heading("Per-model comparison"), Text("Each cell: absolute value (× the reference precision).")]
+    blocks += [
+        Heading("Per-model comparison"),
+        Text(f"Each cell: absolute value (× the reference precision). {UNITS_NOTE}"),
+    ]
     blocks += comparison_tables(frame)
     blocks += [Heading("Compatibility matrix"), compatibility_matrix(frame)]
     blocks += frontier_section(frame, images)

@@ -14,6 +14,7 @@ from harness.errors import UsageError
 from harness.records import METRICS, SCHEMA_VERSION, Metric, Record
 from harness.registry import family_of, precision_order
 from harness.storage import find_run_dirs, read_environment, read_records, results_file
+from harness.units import MIB_LABEL
 
 # A combination on one machine with one software stack, in one scenario (a LoRA rank of the finetune
 # scenario is its own row): different stacks are never duplicates.
@@ -28,7 +29,7 @@ LIST_COLUMNS = [f.name for f in fields(Record) if f.default_factory in (list, di
 DERIVED_METRICS: dict[str, Metric] = {
     "quality_loss": Metric("nats or 1-cosine", False, "quality", label="quality loss"),
     "speed": Metric("tok/s or seq/s", True, "throughput", label="speed"),
-    "memory_bytes": Metric("bytes", False, "memory", label="peak memory MB"),
+    "memory_bytes": Metric("bytes", False, "memory", label=f"peak memory {MIB_LABEL}"),
 }
 
 

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness.report.pareto import FRONTIER_GROUP, frontier_points
-from harness.units import MIB as MB
+from harness.units import MIB, MIB_LABEL
 
 
 def _figure(n: int) -> tuple[Figure, list[Axes]]:
@@ -46,7 +46,7 @@ def _point_label(row: pd.Series, several_frameworks: bool) -> str:
 
 
 def frontier_figure(frame: pd.DataFrame) -> Figure | None:
-    """Weight MB against quality loss per model and device, each quantizer family its own marker,
+    """Weight MiB against quality loss per model and device, each quantizer family its own marker,
     the Pareto frontier as a line; None when no row has both."""
     ok = frame[(frame["status"] == "ok") & frame["quality_loss"].notna() & frame["weight_bytes"].notna()]
     panels = _panels(ok)
@@ -60,14 +60,14 @@ def frontier_figure(frame: pd.DataFrame) -> Figure | None:
         for index, family in enumerate(families):
             points = group[group["family"] == family]
             if not points.empty:
-                ax.scatter(points["weight_bytes"] / MB, points["quality_loss"], marker=markers[index % len(markers)],
+                ax.scatter(points["weight_bytes"] / MIB, points["quality_loss"], marker=markers[index % len(markers)],
                            color=f"C{index}", zorder=2, label=family)  # fmt: skip
         front = frontier_points(group, "memory")
-        ax.plot(front["weight_bytes"] / MB, front["quality_loss"], "-", color="tab:red", zorder=3, label="frontier")
+        ax.plot(front["weight_bytes"] / MIB, front["quality_loss"], "-", color="tab:red", zorder=3, label="frontier")
         for _, row in group.iterrows():
-            ax.annotate(_point_label(row, several), (row["weight_bytes"] / MB, row["quality_loss"]),
+            ax.annotate(_point_label(row, several), (row["weight_bytes"] / MIB, row["quality_loss"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
-        ax.set_xlabel("weight MB")
+        ax.set_xlabel(f"weight {MIB_LABEL}")
         ax.set_ylabel(f"quality loss ({group['quality_metric'].iloc[0]})")
         ax.set_title(_title(group), fontsize=9)
         ax.legend(fontsize=8)

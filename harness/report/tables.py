@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.records import METRICS
-from harness.units import MIB as MB
+from harness.units import MIB
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,29 @@ def _kl(row: pd.Series) -> str:
         return "-"
     low, high = row["kl_mean_ci_low"], row["kl_mean_ci_high"]
     half = "" if _missing(low) or _missing(high) else f" ± {(high - low) / 2:.2g}"
-    return f"{row['kl_mean']:.3g}{half}"
+    return f"{row['kl_mean']:.3g}{half}{_kl_tokens_note(row)}"
+
+
+def _kl_tokens_note(row: pd.Series) -> str:
+    """` (768 of the reference's 2048 tokens)` where the row's KL covers other tokens than its reference's
+    outputs, ` (768 tokens)` where rows of one group differ among themselves (e.g. merged runs); else ''."""
+    tokens, reference = row["eval_tokens"], row.get("reference_eval_tokens")
+    if _missing(tokens):
+        return ""
+    if not _missing(reference) and int(tokens) != int(reference):
+        return f" ({int(tokens)} of the reference's {int(reference)} tokens)"
+    return f" ({int(tokens)} tokens)" if bool(row.get("_kl_tokens_differ", False)) else ""
+
+
+def _mark_kl_tokens(model_rows: pd.DataFrame) -> pd.DataFrame:
+    """Flag (column `_kl_tokens_differ`) the rows of groups whose KL rows cover different token counts."""
+    from harness.report.frame import GROUP
+
+    rows = model_rows.copy()
+    tokens = pd.to_numeric(rows["eval_tokens"], errors="coerce").where(rows["kl_mean"].notna())
+    keys = [c for c in GROUP if c in rows.columns]
+    rows["_kl_tokens_differ"] = tokens.groupby([rows[c] for c in keys], dropna=False).transform("nunique") > 1
+    return rows
 
 
 def _pct(value: object) -> str:
@@ -90,7 +112,7 @@ def _cold_load(row: pd.Series) -> str:
 
 def _peak_memory(row: pd.Series) -> str:
     """The headline peak over every phase, with the phase that set it, e.g. `2631 (quality)`."""
-    text = num(row["peak_memory_bytes"], 3, MB)
+    text = num(row["peak_memory_bytes"], 3, MIB)
     phase = row["peak_memory_phase"]
     return text if text == "-" or _missing(phase) else f"{text} ({phase})"
 
@@ -104,12 +126,15 @@ def _contended(row: pd.Series) -> str:
 COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
     _label("load_s"): ("load_s", _rel_col("load_s")),
     _label("load_cold_s"): ("load_cold_s", _cold_load),
-    _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MB)),
+    _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MIB)),
     "plan weight err": ("predicted_weight_bytes", _plan_error("weight_bytes")),
-    _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MB)),
+    _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MIB)),
     _label("peak_memory_bytes"): ("peak_memory_bytes", _peak_memory),
     "plan peak err": ("predicted_peak_bytes", _plan_error("peak_memory_bytes")),
-    _label("peak_device_allocated_bytes"): ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MB)),
+    _label("peak_device_allocated_bytes"): (
+        "peak_device_allocated_bytes",
+        _rel_col("peak_device_allocated_bytes", MIB),
+    ),
     _label("prefill_tok_s"): ("prefill_tok_s", _rel_col("prefill_tok_s")),
     _label("decode_tok_s"): ("decode_tok_s", _rel_col("decode_tok_s")),
     _label("encode_samples_s"): ("encode_samples_s", _rel_col("encode_samples_s")),
@@ -135,7 +160,7 @@ def comparison_table(model_rows: pd.DataFrame) -> Table:
     shown = [h for h, (src, _) in COMPARISON_COLUMNS.items() if h in ALWAYS or model_rows[src].notna().any()]
     headers = [*labels, "precision", "family", "status", *shown]
     rows = []
-    for _, r in model_rows.iterrows():
+    for _, r in _mark_kl_tokens(model_rows).iterrows():
         status = str(r["status"]) + (f" ({r['error_kind']})" if not _missing(r["error_kind"]) else "")
         identity = [str(r["precision"]), str(r["family"]), status]
         rows.append([str(r[c]) for c in labels] + identity + [COMPARISON_COLUMNS[h][1](r) for h in shown])
