@@ -421,6 +421,7 @@ def plan_memories(
     new_tokens: int = 64,
     logits_tokens: int = 256,
     device: str = "cpu",
+    cpu_packed_4bit: bool | None = None,
 ) -> list[MemoryPlan]:
     """`plan_memory` for several precisions of one model: one meta model per storage dtype.
 
@@ -443,7 +444,7 @@ def plan_memories(
         if storage not in models:
             models[storage] = _meta_model(hf_config, config, storage)
         model = models[storage]
-        cpu_packed = device == "cpu" and fast_bf16 and _is_bnb(spec, 4)
+        cpu_packed = device == "cpu" and fast_bf16 and _is_bnb(spec, 4) and cpu_packed_4bit is not False
         counted = _count_weights(model, spec, storage, compute, cpu_packed)
         # Hidden states (and so the cache) stay in the storage dtype of the embeddings: 4-bit
         # layers that compute in fp32 return their input's dtype.

@@ -10,17 +10,18 @@ counts the bytes of every storage alive, op by op. No weight is read, no memory 
 What the simulation stands in for:
 - Quantized Linear layers are frozen Linear layers that compute like their quantizer: 4-bit
   layers cast the input to the compute dtype and save nothing for backward (bitsandbytes'
-  MatMul4Bit keeps only the packed weight); LLM.int8() keeps its fp16 input and an int8 copy on
-  the autograd context, outside save_for_backward, so even gradient checkpointing keeps them
-  (bitsandbytes 0.50 MatMul8bitLt); weight-only torchao layers compute in their dtype.
+  MatMul4Bit keeps only the packed weight); LLM.int8() keeps its input on the autograd context,
+  outside save_for_backward, so even gradient checkpointing keeps it (bitsandbytes 0.50: on CPU
+  MatMul8bitFp keeps the input as it came, fp32 after kbit preparation; on GPUs MatMul8bitLt
+  keeps it with its int8 copy); weight-only torchao layers compute in their dtype.
 - "kbit" preparation casts every unquantized 16-bit parameter to fp32 (peft's
   prepare_model_for_kbit_training), which the plan adds as `upcast_bytes`.
 - 8-bit AdamW (bitsandbytes) keeps two uint8 states per element plus one fp32 absmax per 256 for
   tensors of 4096 elements or more, fp32 states below (its min_8bit_size).
 
 Phase peaks are above the worker's baseline before the load (the measured fields subtract
-`rss_before_load_bytes`), plus RUNTIME_OVERHEAD_BYTES on the host: what PyTorch's CPU runtime
-holds once a training step has run (oneDNN primitive caches, autograd and allocator arenas).
+`rss_before_load_bytes`); on the host they add what PyTorch's CPU runtime holds beyond the tensors
+once a training step has run (RUNTIME_OVERHEAD_BYTES and RUNTIME_SLACK_FRAC, measured).
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ from typing import Any
 
 from harness.registry import PRECISIONS
 
-# Host memory PyTorch's CPU runtime keeps once one training step has run, beyond tensors
-# (measured: peak RSS above baseline minus every tensor byte, tiny-llama-trained and the 0.5B
-# Qwen2 shape, fp32/bf16/int8/nf4, transformers 5.25, torch 2.13; see tests/test_trainplan.py).
-RUNTIME_OVERHEAD_BYTES = {"cpu": 64 << 20, "cuda": 0, "xla": 0}
+# Host memory PyTorch's CPU runtime keeps once a training step has run, beyond the tensors: a fixed
+# part (oneDNN primitives, autograd and malloc arenas) and a slack that grows with what the step
+# allocates (arena fragmentation, oneDNN weight reorders). Measured as peak RSS above the pre-load
+# baseline minus the simulated tensor bytes, transformers 5.25, torch 2.13, peft 0.21.2: 47 MiB on
+# tiny-llama-trained (2M parameters); 2-4 % (fp32) to 10-14 % (bf16, nf4) of the step's tensor
+# bytes on the 0.5B Qwen2 shape. On a GPU the plan is the allocator's bytes (its context and
+# reserve are the pre-flight's business).
+RUNTIME_OVERHEAD_BYTES = {"cpu": 48 << 20, "cuda": 0, "xla": 0}
+RUNTIME_SLACK_FRAC = {"cpu": 0.05, "cuda": 0.0, "xla": 0.0}
 ADAMW8BIT_MIN_SIZE = 4096  # bitsandbytes: tensors smaller than this keep fp32 states
 ADAMW8BIT_BLOCK = 256  # elements per fp32 absmax of an 8-bit state
 
@@ -57,7 +63,7 @@ class TrainingPlan:
     gradient_bytes: int
     optimizer_state_bytes: int
     activation_bytes: int  # saved for backward when the forward ends (logits and loss included)
-    runtime_bytes: int
+    runtime_bytes: int  # at the peak phase: the runtime's fixed part and its slack (RUNTIME_*)
     forward_bytes: int
     backward_bytes: int
     optimizer_bytes: int
@@ -113,30 +119,35 @@ def _dispatch_mode(counter: _LiveBytes) -> Any:
     return LiveBytesMode()
 
 
-def _quantized_linear_classes(compute_dtype: Any, int8: bool) -> Any:
+def _quantized_linear_classes(compute_dtype: Any, int8: bool, device: str) -> Any:
     """A frozen Linear that computes like a quantized one (see the module docstring)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
+    int8_copy = device.partition(":")[0] != "cpu"
+
     class KeepsInputOnContext(torch.autograd.Function):
+        """LLM.int8() in training keeps its input on the autograd context, outside save_for_backward (so
+        gradient checkpointing keeps it too): on CPU as it came (MatMul8bitFp: A, the matmul in A's dtype),
+        on GPUs with its int8 copy (MatMul8bitLt: A and CAt)."""
+
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any) -> Any:
-            ctx.kept = (x, torch.empty_like(x, dtype=torch.int8))  # LLM.int8(): A and CA, outside saved tensors
-            ctx.weight = weight
-            return F.linear(x, weight)
+            ctx.kept = (x, torch.empty_like(x, dtype=torch.int8)) if int8_copy else (x,)
+            ctx.weight = weight  # the stored (frozen) weight; each pass dequantizes a temporary copy
+            return F.linear(x, weight.to(x.dtype, copy=True))
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            return grad @ ctx.weight, None
+            return grad @ ctx.weight.to(grad.dtype, copy=True), None
 
     class SimulatedQuantizedLinear(nn.Linear):
         def forward(self, x: Any) -> Any:
-            weight = self.weight.to(compute_dtype, copy=True)  # the dequantized weight, one layer at a time
             if int8:
-                out = KeepsInputOnContext.apply(x.to(compute_dtype), weight)
-            else:
-                out = F.linear(x.to(compute_dtype), weight)
+                out = KeepsInputOnContext.apply(x.to(compute_dtype) if int8_copy else x, self.weight)
+            else:  # 4-bit: the input cast to the compute dtype, the weight dequantized one layer at a time
+                out = F.linear(x.to(compute_dtype), self.weight.to(compute_dtype, copy=True))
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
             return out.to(x.dtype)
@@ -182,6 +193,7 @@ def _simulate(
     config: dict,
     precision: str,
     method: str,
+    device: str,
     fast_bf16: bool,
     seq_len: int,
     batch_size: int,
@@ -203,21 +215,24 @@ def _simulate(
     if spec.quantized:
         keep = _keys_to_not_convert(model)
         int8 = spec.family == "bitsandbytes" and spec.bits == 8
-        linear_class = _quantized_linear_classes(getattr(torch, compute), int8)
+        linear_class = _quantized_linear_classes(getattr(torch, compute), int8, device)
         for name, module in model.named_modules():
             if type(module) is nn.Linear and should_convert_module(name, keep):
                 module.__class__ = linear_class
     for parameter in model.parameters():
         parameter.requires_grad_(method == "full")
     if method == "kbit":  # prepare_model_for_kbit_training: unquantized 16-bit parameters become fp32
+        upcast_copies: dict[int, Any] = {}  # tied parameters (embeddings and head) are one tensor, cast once
         for module in model.modules():
             quantized_layer = type(module).__name__ == "SimulatedQuantizedLinear"
             for name, parameter in list(module._parameters.items()):
                 if quantized_layer and name == "weight":
                     continue
                 if parameter is not None and parameter.dtype in (torch.float16, torch.bfloat16):
-                    upcast += parameter.numel() * 2
-                    module._parameters[name] = nn.Parameter(parameter.data.float(), requires_grad=False)
+                    if id(parameter) not in upcast_copies:
+                        upcast += parameter.numel() * 2
+                        upcast_copies[id(parameter)] = nn.Parameter(parameter.data.float(), requires_grad=False)
+                    module._parameters[name] = upcast_copies[id(parameter)]
     if gradient_checkpointing:  # non-reentrant, as the trainer runs it (peft then adds no input-grad hook)
         enable_checkpointing(model, {"use_reentrant": False})
     if method != "full":
@@ -303,10 +318,11 @@ def plan_training(
 
     methods = {p: lora_method(p, rank) for p in precisions}
     trainable = [p for p, (method, _) in methods.items() if method and PRECISIONS[p].family != "keras"]
-    weights = {
-        p.precision: p.weight_bytes for p in plan_memories(config, trainable, fast_bf16=fast_bf16, device=device)
-    }
-    runtime = RUNTIME_OVERHEAD_BYTES.get(device.partition(":")[0], 0)
+    # the load's layout: training never runs the eval-mode forward that repacks 4-bit weights for CPUs
+    planned = plan_memories(config, trainable, fast_bf16=fast_bf16, device=device, cpu_packed_4bit=False)
+    weights = {p.precision: p.weight_bytes for p in planned}
+    kind = device.partition(":")[0]
+    runtime, slack = RUNTIME_OVERHEAD_BYTES.get(kind, 0), RUNTIME_SLACK_FRAC.get(kind, 0.0)
     simulations: dict[tuple[Any, ...], _Simulated] = {}
     plans: dict[str, TrainingPlan | str] = {}
     for precision in precisions:
@@ -321,19 +337,17 @@ def plan_training(
         int8 = spec.family == "bitsandbytes" and spec.bits == 8
         key = (spec.torch_dtypes(fast_bf16), spec.quantized, int8, method)
         if key not in simulations:
-            simulations[key] = _simulate(config, precision, method, fast_bf16, seq_len, batch_size, rank, alpha,
+            simulations[key] = _simulate(config, precision, method, device, fast_bf16, seq_len, batch_size, rank, alpha,
                                          gradient_checkpointing)  # fmt: skip
         sim = simulations[key]
         states = sim.optimizer_state_bytes
         if optimizer == "adamw8bit":
             states = _adamw8bit_state_bytes(list(sim.trainable_numels))
         adapter = 0 if method == "full" else sim.trainable_param_bytes
-        steady = weights[precision] + sim.upcast_bytes + adapter + states + runtime
-        phases = {
-            "train_forward": steady + sim.forward_delta,
-            "train_backward": steady + sim.backward_delta,
-            "train_optimizer": steady + sim.optimizer_delta,
-        }
+        steady = weights[precision] + sim.upcast_bytes + adapter + states
+        tensors = {"train_forward": steady + sim.forward_delta, "train_backward": steady + sim.backward_delta,
+                   "train_optimizer": steady + sim.optimizer_delta}  # fmt: skip
+        phases = {name: tensor_bytes + int(tensor_bytes * slack) + runtime for name, tensor_bytes in tensors.items()}
         peak_phase = max(phases, key=lambda p: phases[p])
         notes = [f"{method} LoRA rank {rank}" if method != "full" else "full fine-tuning"]
         if sim.upcast_bytes:
@@ -349,7 +363,7 @@ def plan_training(
             gradient_bytes=sim.gradient_bytes,
             optimizer_state_bytes=states,
             activation_bytes=sim.activation_bytes,
-            runtime_bytes=runtime,
+            runtime_bytes=phases[peak_phase] - tensors[peak_phase],
             forward_bytes=phases["train_forward"],
             backward_bytes=phases["train_backward"],
             optimizer_bytes=phases["train_optimizer"],
@@ -390,7 +404,9 @@ def training_fit(combo: Any, plans: dict[str, Any], available: int | None) -> An
         return Fit(needed, available, None)
     usable = int(available * (1 - MARGIN_FRAC))
     phase_bytes = plan[plan["peak_phase"].removeprefix("train_") + "_bytes"]
-    steady = plan["weight_bytes"] + plan["upcast_bytes"] + plan["optimizer_state_bytes"] + plan["runtime_bytes"]
+    steady = (
+        plan["weight_bytes"] + plan["upcast_bytes"] + plan["optimizer_state_bytes"] + plan["runtime_bytes"]
+    )  # at the peak
     adapter = 0 if plan["method"] == "full" else plan["trainable_param_bytes"]
     terms = (("weights", plan["weight_bytes"]), ("fp32 upcast", plan["upcast_bytes"]), ("adapter", adapter),
              ("optimizer states", plan["optimizer_state_bytes"]),
