@@ -457,6 +457,11 @@ def test_plan_reads_the_hardware_file_and_names_tox_stacks(tmp_path: Path) -> No
     ]  # fmt: skip
     assert len({e["run-id"] for e in entries}) == len(entries)
     assert entries[-1]["runner"] == ["self-hosted", "linux", "x64", "gpu-a10g"]
+    # the CPU runners' torch index comes from a repository variable, named here; no index address in the files
+    assert {e["pip-index-variable"] for e in entries} == {"TORCH_CPU_INDEX_URL", ""}
+    assert "vars[matrix.pip-index-variable]" in WORKFLOW.read_text()
+    for path in ("README.md", "tox.ini", "ci/hardware.toml", ".ci/run", ".github/workflows/nightly.yml"):
+        assert not re.search(r"https?://\S*(whl|simple|pypi|index)", (REPO / path).read_text()), path
     tox = configparser.ConfigParser(interpolation=None)
     tox.read(REPO / "tox.ini")
     (section,) = [s for s in tox.sections() if s.startswith("testenv:stack-")]
