@@ -75,14 +75,8 @@ def roundtrip_problems(record: dict[str, Any], tolerance: float = ROUNDTRIP_TOLE
     return [f"outputs changed after a save/load round trip: max |diff| = {diff:.3g}{split}"]
 
 
-BNB_CPU_SAVE_ISSUE = (
-    "known bitsandbytes 0.50.2 issue on CPUs with AVX512-BF16: the first forward repacks 4-bit weights for "
-    "the CPU kernel (_convert_weight_packed_for_cpu: absmax transposed to [K/blocksize, N] and cast to bf16), "
-    "and save_pretrained's inverse (_convert_weight_packed_for_cpu_inverse) restores the weights but not "
-    "absmax: without double quantization it stays transposed (scales on the wrong blocks: outputs off by "
-    "O(logits)), with it the bf16-rounded absmax is quantized again (a small loss). The live model runs the "
-    "same broken state after the save, and the reload reproduces it exactly."
-)
+# the known-issues table's entry (harness.known_issues) that a round trip's measured signature identifies
+BNB_CPU_SAVE_ISSUE = "bnb-4bit-cpu-packed-save"
 
 
 def known_roundtrip_issue(record: dict[str, Any], tolerance: float = ROUNDTRIP_TOLERANCE) -> str | None:
@@ -97,7 +91,9 @@ def known_roundtrip_issue(record: dict[str, Any], tolerance: float = ROUNDTRIP_T
         return None
     if live is None or reload is None or live <= tolerance or reload > tolerance:
         return None
-    return BNB_CPU_SAVE_ISSUE
+    from harness.known_issues import BY_ID
+
+    return BY_ID[BNB_CPU_SAVE_ISSUE].xfail_reason()
 
 
 def load_problems(record: dict[str, Any]) -> list[str]:
@@ -180,8 +176,9 @@ def training_problems(record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def adapter_problems(record: dict[str, Any]) -> list[str]:
-    """The saved adapter reloads faithfully, and merges within its precision's tolerance (where peft merges)."""
+def adapter_problems(record: dict[str, Any], check_merge: bool = True) -> list[str]:
+    """The saved adapter reloads faithfully, and merges within its precision's tolerance (where peft merges;
+    `check_merge=False` for random weights, whose outputs swing with any requantization)."""
     problems = []
     kl = record.get("adapter_roundtrip_kl")
     if kl is None:
@@ -190,7 +187,7 @@ def adapter_problems(record: dict[str, Any]) -> list[str]:
         problems.append(
             f"adapter_roundtrip_kl = {kl:.3g} > {ADAPTER_ROUNDTRIP_KL_TOLERANCE:g}: the adapter does not reload"
         )
-    merged = record.get("merged_kl")
+    merged = record.get("merged_kl") if check_merge else None
     spec = PRECISIONS.get(record["precision"])
     limit = MERGED_KL_TOLERANCE_4BIT if spec is not None and spec.quantized and spec.bits <= 4 else MERGED_KL_TOLERANCE
     if merged is not None and merged > limit:

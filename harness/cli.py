@@ -36,7 +36,11 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh-worker loads behind load_s (default 3)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per worker (default 600)")
-    parser.add_argument("--memory-limit", help="address-space budget per worker beyond its baseline, e.g. 4G")
+    parser.add_argument(
+        "--memory-limit",
+        help="per worker, e.g. 4G: a failed `oom` record once its resident memory (VmRSS) grows this much past its"
+        " baseline after imports; on CUDA also the allocator's cap",
+    )
     parser.add_argument("--prompt-lengths", default="128", help="comma list (default 128)")
     parser.add_argument("--batch-sizes", default="1", help="comma list (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
@@ -366,7 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=DEFAULT_REPORTS_DIR, help="reports dir (default ./reports)")
     run.add_argument("--run-id", help="name of the run dir (default: UTC timestamp)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    run.add_argument("--shard", metavar="I/N", help="run only shard I of N (deterministic, balanced by model size)")
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only shard I of N (the same split on every machine, balanced by predicted time:"
+        " checkpoint size, loads and generated tokens)",
+    )
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run: finished combos are kept")
     run.set_defaults(func=cmd_run)
 

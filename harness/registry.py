@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from harness.known_issues import BY_ID as KNOWN_ISSUES
+
 PLUGINS_ENV = "HARNESS_PLUGINS"
 DEVICE_KINDS = ("cpu", "cuda", "xla")
 
@@ -331,12 +333,11 @@ _BUILTIN_PRECISIONS: tuple[Precision, ...] = (
               options={"weights": "int2"}, measured_loss=_loss(7.0e-3, 9.1e-1), **_QUANTO),
     Precision("quanto-fp8", description="optimum-quanto float8 (e4m3) weights, one scale per row", bits=8,
               options={"weights": "float8"}, measured_loss=_loss(4.0e-5, 1.9e-3), **_QUANTO),
-    # HQQ: the hqq library runs on CPU (HQQLinear), but transformers 5.24 cannot load through HqqConfig.
+    # HQQ: the hqq library runs on CPU (HQQLinear), but transformers 5 cannot load through HqqConfig
+    # (harness.known_issues: its reproduction turns red when a release fixes it).
     Precision("hqq-int4", description="HQQ 4-bit, groups of 64 (HqqConfig)", bits=4,
               options={"nbits": 4, "group_size": 64}, **(_HQQ | {"devices": (), "device_reasons": dict.fromkeys(
-                  ("cpu", "cuda", "xla"),
-                  "transformers 5.24 cannot quantize with HqqConfig: its HQQ quantizer has no get_quantize_ops "
-                  "(NotImplementedError: QuantizationMethod.HQQ is not available yet and will be supported soon)")})),
+                  ("cpu", "cuda", "xla"), KNOWN_ISSUES["transformers-hqq-load"].reason)})),
     # A checkpoint whose config.json carries a quantization_config, loaded as saved; its quality
     # reference is a separate full-precision model (--reference-model, or reference_model per model).
     Precision("as-saved", "pre-quantized", "the checkpoint's own quantization_config, loaded as saved",

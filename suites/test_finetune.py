@@ -10,6 +10,7 @@ from its [budgets].
 import pytest
 
 from harness.checks import adapter_problems, budget_problems, plan_problems, training_problems
+from harness.zoo import ZOO
 
 pytestmark = pytest.mark.finetune
 
@@ -20,7 +21,10 @@ def test_trains(finetune_record):
 
 
 def test_adapter_reloads_and_merges(finetune_record):
-    problems = adapter_problems(finetune_record)
+    # merged weights are requantized: on random weights (near-uniform outputs) that moves KL arbitrarily,
+    # as the agreement test says for inference; their adapters must still reload exactly
+    zoo_entry = ZOO.get(finetune_record["model"])
+    problems = adapter_problems(finetune_record, check_merge=zoo_entry is None or zoo_entry.trained)
     assert not problems, problems
 
 

@@ -266,18 +266,45 @@ def test_checks_on_a_real_cpu_run(tmp_path: Path) -> None:
 # --- the wheelhouse -----------------------------------------------------------------------------
 
 
-def test_the_size_check_fails_a_wheelhouse_over_64_mib(tmp_path: Path) -> None:
+def clone_with_local_files(root: Path, venv_as: str) -> Path:
+    """A git work tree with this repository's .gitignore and what users keep in a clone: a `.venv`
+    (tox 4.67's redirect file, or a virtualenv dir), .tox, run dirs, a built wheelhouse."""
+    repo = root / "clone"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    subprocess.run(["git", "-C", str(repo), "add", ".gitignore", "pyproject.toml"], check=True)
+    (repo / "notes.txt").write_text("untracked, not ignored: it travels")
+    if venv_as == "file":
+        (repo / ".venv").write_text(".tox/test\n")
+    else:
+        (repo / ".venv" / "bin").mkdir(parents=True)
+        (repo / ".venv" / "bin" / "python").write_text("")
+    for ignored in (".tox/test/bin/python", "reports/run/results.jsonl", "ci/gpu/wheelhouse/huge-1.0-py3-none-any.whl"):
+        (repo / ignored).parent.mkdir(parents=True, exist_ok=True)
+        (repo / ignored).write_text("ignored")
+    return repo
+
+
+@pytest.mark.parametrize("venv_as", ["file", "dir"])
+def test_the_size_check_counts_what_travels_and_fails_over_64_mib(tmp_path: Path, venv_as: str) -> None:
+    # What the device tool carries: tracked files and untracked ones git does not ignore. A `.venv`
+    # (file or dir), .tox, run dirs and the wheelhouse itself stay home, whatever a clone holds.
+    repo = clone_with_local_files(tmp_path, venv_as)
+    tree = build_wheelhouse.tree_files(repo)
+    assert sorted(p.relative_to(repo).as_posix() for p in tree) == [".gitignore", "notes.txt", "pyproject.toml"]
     wheel = tmp_path / "huge-1.0-py3-none-any.whl"
     with open(wheel, "wb") as handle:
         handle.truncate(60 * MIB)  # sparse: the size counts, no disk is used
-    tree = build_wheelhouse.tree_files()
-    assert REPO / "pyproject.toml" in tree and all(".venv" not in p.parts for p in tree)
     total = build_wheelhouse.check_carry_size([wheel], tree)
-    assert 60 * MIB < total < 64 * MIB
+    assert total == 60 * MIB + sum(p.stat().st_size for p in tree)
     with open(tmp_path / "zoo.tar", "wb") as handle:
         handle.truncate(5 * MIB)
     with pytest.raises(build_wheelhouse.CarryTooLarge, match=r"over the 64 MiB limit; largest: huge-1.0"):
         build_wheelhouse.check_carry_size([wheel, tmp_path / "zoo.tar"], tree)
+    # this repository's own tree is far below the limit, so the wheelhouse has the room it claims
+    assert REPO / "pyproject.toml" in build_wheelhouse.tree_files()
 
 
 def test_the_image_lacks_exactly_bitsandbytes(tmp_path: Path) -> None:
@@ -336,17 +363,50 @@ def test_the_sampler_tells_workers_from_the_forkserver_and_the_parent() -> None:
     assert nvml_sampler.process_role(child.pid)[0] == "gone"
 
 
-def test_the_sampler_says_why_there_is_no_nvml(tmp_path: Path) -> None:
+def nvml_device_count() -> tuple[int, str]:
+    """(GPUs NVML sees, why none) probed apart from the sampler, so its verdict can be checked."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount(), ""
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+def sample_for(log: Path, seconds: float, device: int) -> int:
     import threading
 
-    log, stop = tmp_path / "nvml.jsonl", threading.Event()
-    threading.Timer(0.2, stop.set).start()
-    count = nvml_sampler.run(log, 0.01, 0, stop)
-    header = read_nvml_log(log).header
-    if count == 0:  # no NVIDIA driver here: the header says why
-        assert "error" in header
+    stop = threading.Event()
+    threading.Timer(seconds, stop.set).start()
+    return nvml_sampler.run(log, 0.01, device, stop)
+
+
+def test_the_sampler_says_why_it_cannot_sample(tmp_path: Path) -> None:
+    # Without NVML the error is the driver's; with it, a device index past the last GPU's.
+    count, why = nvml_device_count()
+    log = tmp_path / "nvml.jsonl"
+    assert sample_for(log, 0.2, count) == 0
+    nvml = read_nvml_log(log)
+    assert nvml.samples == [] and nvml.header["device"] == count
+    if count == 0:
+        assert nvml.header["error"] == why  # the same failure the probe met
     else:
-        assert header["device"] == 0
+        assert nvml.header["error"].startswith("NVMLError"), nvml.header  # no such device
+
+
+def test_the_sampler_samples_where_nvml_sees_a_gpu(tmp_path: Path) -> None:
+    count, why = nvml_device_count()
+    if count == 0:
+        pytest.skip(f"NVML sees no GPU here ({why})")
+    log = tmp_path / "nvml.jsonl"
+    assert sample_for(log, 0.5, 0) >= 3
+    nvml = read_nvml_log(log)
+    assert "error" not in nvml.header and nvml.header["device"] == 0 and nvml.header["name"]
+    assert len(nvml.samples) >= 3 and all(isinstance(s["processes"], list) for s in nvml.samples)
 
 
 def test_trace_summary_counts_kernel_time_inside_the_region() -> None:

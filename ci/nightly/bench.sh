@@ -6,7 +6,8 @@
 #   NIGHTLY_OUT       reports dir; the run dir is $NIGHTLY_OUT/$NIGHTLY_RUN_ID
 #   NIGHTLY_RUN_ID    run dir name, unique per label × stack × shard
 #   HARNESS_HARDWARE_LABEL  this machine's label in ci/hardware.toml
-#   PIP_EXTRA_INDEX_URL     the label's extra index (empty: pip's own configuration)
+#   PIP_EXTRA_INDEX_URL     the label's extra index, from the repository variable its pip-index-variable
+#                           names (empty: pip's own configuration)
 set -euo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 : "${NIGHTLY_STACK:?}" "${NIGHTLY_SHARD:?}" "${NIGHTLY_MATRIX:?}" "${NIGHTLY_OUT:?}" "${NIGHTLY_RUN_ID:?}"

@@ -51,7 +51,7 @@ def bench_matrix(hardware: dict[str, Any], runners: list[str], matrix_override: 
                     "shard": f"{index}/{shards}",
                     "matrix": matrix,
                     "run-id": f"{label}-{stack}-{index}of{shards}",
-                    "pip-extra-index-url": str(machine.get("pip-extra-index-url", "")),
+                    "pip-index-variable": str(machine.get("pip-index-variable", "")),
                 })  # fmt: skip
     if not entries:
         fail("no hardware label is enabled: set enabled = true in the hardware file or name runners")
