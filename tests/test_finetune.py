@@ -106,7 +106,7 @@ def test_training_out_of_memory_is_a_failed_row_naming_its_phase(tmp_path: Path)
     records = run_matrix(tmp_path, ("tiny-llama-trained",), ("fp32", "bf16"), **options)
     for record in records:
         assert record["status"] == "failed" and record["error_kind"] == "oom", record["error"]
-        assert "passed --memory-limit in the train_" in record["error"], record["error"]
+        assert "passed --memory-limit" in record["error"] and "in the train_" in record["error"], record["error"]
 
 
 def test_gradients_that_never_reach_the_adapter_fail_the_row() -> None:
@@ -120,8 +120,17 @@ def test_gradients_that_never_reach_the_adapter_fail_the_row() -> None:
     from harness.zoo import ensure_built
 
     class ReentrantTrainer(PeftTrainer):
+        """Reentrant checkpointing with inputs that do not require grad. transformers >= 5 turns input
+        grads on itself for input_ids models, so the trap needs that hook off, as older transformers
+        and models with other inputs leave it."""
+
         def _gradient_checkpointing_kwargs(self) -> dict[str, Any]:
             return {"use_reentrant": True}
+
+        def attach(self) -> Any:
+            setup = super().attach()
+            self.model.get_input_embeddings()._forward_hooks.clear()  # transformers' and peft's hooks
+            return setup
 
     spec = LoadSpec(str(ensure_built("tiny-llama-trained")), "causal-lm", "fp32", "cpu")
     backend = backend_for("pytorch", spec)

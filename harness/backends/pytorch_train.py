@@ -19,7 +19,7 @@ import peft  # imported with this module, before the worker's memory baseline
 import torch
 
 from harness.backends.pytorch import PyTorchBackend
-from harness.finetune import TrainSettings, TrainSetup, unique_storage_bytes
+from harness.finetune import NO_GRADIENT_REASON, TrainingFailed, TrainSettings, TrainSetup, unique_storage_bytes
 from harness.trainplan import enable_checkpointing
 
 
@@ -99,6 +99,8 @@ class PeftTrainer:
     def backward(self) -> None:
         if self._loss is None:
             raise RuntimeError("backward() needs a forward() first")
+        if not self._loss.requires_grad:  # no trainable tensor is on the loss's graph (the use_reentrant trap)
+            raise TrainingFailed(NO_GRADIENT_REASON)
         self._loss.backward()
         self._loss = None
 

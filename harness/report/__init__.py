@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from harness.report import cost, document, plots, regress, stacks
 from harness.report import formats as writers
 from harness.report import history as nightly
@@ -71,7 +73,8 @@ def write_report(
     written = writers.write_document(blocks, out, formats, title=f"harness report: {', '.join(r.name for r in runs)}")
     for name in ("csv", "parquet"):
         if name in formats:
-            written.append(writers.write_frame(everything, out / f"report.{name}"))
+            rows = pd.concat([frame, training], ignore_index=True) if not training.empty else frame
+            written.append(writers.write_frame(rows, out / f"report.{name}"))
             if comparisons is not None:
                 written.append(writers.write_frame(comparisons, out / f"regressions.{name}"))
     print(f"report: {', '.join(str(p) for p in written)}")
