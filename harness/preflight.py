@@ -171,7 +171,8 @@ def plan_table(
                 if "weight_bytes" not in row:
                     row.update(weight_bytes=plan.weight_bytes, kv_cache_bytes=plan.kv_cache_bytes,
                                activation_bytes=plan.activation_bytes, load_transient_bytes=plan.load_transient_bytes,
-                               peak_bytes=plan.peak_bytes, needed_bytes=needed, notes=plan.notes)  # fmt: skip
+                               peak_bytes=plan.peak_bytes, needed_bytes=needed, host_peak_bytes=plan.host_peak_bytes,
+                               device_peak_bytes=plan.device_peak_bytes, notes=plan.notes)  # fmt: skip
                 available = available_bytes(device, capabilities, options.available_memory_bytes)
                 row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
             for size in COMMON_SIZES_GIB:
