@@ -248,6 +248,7 @@ class _Weights:
     quantized_layers: int
     kept: tuple[str, ...]
     largest_converted: int = 0  # elements of the largest layer the family converts
+    estimated: bool = False  # no family rule: the generic estimate
 
 
 def _family(spec: Precision) -> ModuleType | None:
@@ -256,17 +257,19 @@ def _family(spec: Precision) -> ModuleType | None:
     name = spec.quantizer or f"harness.quantizers.{spec.family}"
     if importlib.util.find_spec(name) is None:
         return None
-    return importlib.import_module(name)
+    module = importlib.import_module(name)
+    return module if hasattr(module, "planned_bytes") else None  # e.g. a plugin's module without a rule
 
 
-# A pre-quantized checkpoint whose method no family module plans (GPTQ, AWQ, ...): its stated bits
-# per weight plus a scale and a zero point per group (per output row without a group), 2 bytes each.
-SAVED_SCALE_BYTES = 2
+# A quantizer without a planning rule (a pre-quantized GPTQ or AWQ checkpoint, a plugin's module
+# without `planned_bytes`): its stated bits per weight plus a scale and a zero point per group (per
+# output row without a group), 2 bytes each; the plan's notes say it is an estimate.
+GENERIC_SCALE_BYTES = 2
 
 
 def _saved_precision(spec: Precision, config: dict) -> Precision:
     """`as-saved` planned as the family its quantization_config names (bitsandbytes), else with the
-    bits and group size it states (4-bit if none) by the generic rule above."""
+    bits and group size it states (4-bit if none), by the generic estimate above."""
     from dataclasses import replace
 
     saved = config.get("quantization_config") or {}
@@ -283,10 +286,10 @@ def _saved_precision(spec: Precision, config: dict) -> Precision:
     return replace(spec, bits=float(bits), quantizer=None, options={"group_size": group})
 
 
-def _saved_generic_bytes(spec: Precision, linear: Any) -> int:
+def _generic_bytes(spec: Precision, linear: Any) -> int:
     group = spec.options.get("group_size") or linear.in_features
     numel = linear.numel
-    scales = math.ceil(numel / group) * 2 * SAVED_SCALE_BYTES
+    scales = math.ceil(numel / group) * 2 * GENERIC_SCALE_BYTES
     return math.ceil(numel * spec.bits / 8) + scales + linear.bias * linear.storage_bytes
 
 
@@ -323,7 +326,7 @@ def _count_weights(model: Any, spec: Precision, storage: str, compute: str, cpu_
             compute_bytes=DTYPE_BYTES[compute],
             cpu_packed=cpu_packed,
         )
-        planned = family.planned_bytes(spec, linear) if family is not None else _saved_generic_bytes(spec, linear)
+        planned = family.planned_bytes(spec, linear) if family is not None else _generic_bytes(spec, linear)
         if planned is not None:
             converted[id(module)] = planned
             quantized_params += linear.numel
@@ -339,7 +342,8 @@ def _count_weights(model: Any, spec: Precision, storage: str, compute: str, cpu_
         total += param.numel() * DTYPE_BYTES[dtype]
     for buffer in model.buffers():
         total += buffer.numel() * DTYPE_BYTES.get(str(buffer.dtype).removeprefix("torch."), 4)
-    return _Weights(total, params, quantized_params, len(converted), tuple(sorted(kept)), largest)
+    estimated = spec.quantized and family is None
+    return _Weights(total, params, quantized_params, len(converted), tuple(sorted(kept)), largest, estimated)
 
 
 def _count_gguf(model: Any, spec: Precision, hf_config: Any) -> _Weights:
@@ -544,7 +548,7 @@ def _notes(spec: Precision, storage: str, compute: str, counted: _Weights, cpu_p
         notes.append(f"{counted.quantized_layers} Linear layers in {scheme}; embeddings, norms{kept} kept in {storage}")
         if cpu_packed:
             notes.append("CPU-packed 4-bit layout (bf16 absmax)")
-        if spec.quantizer is None and spec.family != "gguf":
+        if counted.estimated:
             notes.append(f"estimate: {spec.bits:g} bits per weight + a scale and zero point per group")
     elif spec.quantized:
         notes.append(f"no Linear layer to quantize: all weights in {storage}")
@@ -640,6 +644,8 @@ def plan_memories(
         transient = load_transient_bytes(precision, counted.largest_converted, saved, storage)
         converts = spec.quantized or storage != saved
         pages = _checkpoint_bytes(model, saved) if converts else 0
+        if PRECISIONS[precision].family == "pre-quantized":  # loaded as saved: the file is the weights
+            transient, pages = 0, weights
         own = {"load": transient, "first_forward": 0}
         if throughput:
             own["decode" if causal else "encode"] = (kv if causal else 0) + step

@@ -566,3 +566,14 @@ def test_real_size_weight_rules_on_the_0_5b_checkpoint() -> None:
         (plan,) = plan_memories(config, ("gguf-q4_k_m",), fast_bf16=fast)
         types = tensor_types(gguf_file(str(source), "gguf-q4_k_m").path)
         assert plan.weight_bytes == sum(size for _, size in types.values())
+
+
+def test_pre_quantized_checkpoints_use_their_family_rule_or_say_they_are_estimated() -> None:
+    saved_nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    config = config_of("llama-3-8b") | {"quantization_config": saved_nf4}
+    as_saved, nf4 = plan_memories(config, ("as-saved", "nf4"), fast_bf16=True, device="cuda")
+    assert as_saved.weight_bytes == nf4.weight_bytes and "estimate" not in as_saved.notes
+    gptq = config_of("llama-3-8b") | {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    (estimated,) = plan_memories(gptq, ("as-saved",), fast_bf16=True, device="cuda")
+    assert "estimate: 4 bits per weight" in estimated.notes
+    assert nf4.weight_bytes * 0.9 < estimated.weight_bytes < nf4.weight_bytes * 1.1
