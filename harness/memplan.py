@@ -45,33 +45,35 @@ STEP_LOGIT_BYTES = 4  # fp32 logits of the last position, per sequence (prefill 
 # A worker's peak_memory_bytes on cpu is the highest VmHWM of its phases (harness.measure), and
 # rss_before_load_bytes its VmRSS after imports. The plan predicts the growth between them
 # (`host_peak_bytes`), phase by phase, the largest phase winning:
-#   load: the weights (not for a float load of the checkpoint's own dtype: those stay file-backed
-#     and untouched until the first forward; after it, an input embedding no output head reads
-#     whole stays resident only where tokens read it: a page per token fed, PAGE_BYTES), the checkpoint's pages the load maps and reads while it
-#     converts or quantizes (file-backed, reclaimable, but resident: about the checkpoint's size),
-#     and a quantizer's temporary (one largest tensor at the checkpoint's dtype);
-#   first_forward; decode (causal LMs: + KV cache + step logits) or encode (encoders: + hidden states);
+#   load: the weights (not for a float load of the checkpoint's own dtype: those stay mapped and
+#     untouched until the first forward), the checkpoint's pages a converting or quantizing load maps
+#     and reads (file-backed and reclaimable, but resident: the checkpoint's size), and the
+#     quantizer's temporary (the largest layer it converts, at the checkpoint's dtype);
+#   first_forward: the weights; after it, a mapped input embedding that no output head reads whole
+#     is resident only where tokens read it (a page per token fed, PAGE_BYTES);
+#   decode (causal LMs: + KV cache + step logits) or encode (encoders: + one batch's hidden states);
 #   quality: + the quality pass's activations (QUALITY_FLOAT64_BLOCKS above);
-# each + RUNTIME_BYTES[phase]: what the runtime adds by the end of that phase, whatever the model.
-# Most of it is shared-library pages (libtorch, oneDNN, bitsandbytes) that a forked worker faults in
-# again (they are resident in the forkserver and the page cache: RSS counts them, the machine does
-# not pay for them twice), the rest allocator and interpreter growth (and, for bitsandbytes 4-bit,
-# heap the quantizer's small temporaries leave fragmented: 3-19 MB between runs of the same load).
+# each + RUNTIME_MIB[path][phase]: what the runtime itself adds by the end of that phase, whatever
+# the model. Most of it is shared-library pages (libtorch, oneDNN, bitsandbytes) that a forked
+# worker faults in again (resident already in the forkserver and the page cache: RSS counts them,
+# the machine does not pay for them twice), the rest allocator and interpreter growth.
 # Measured with a smaps probe at every phase boundary: `harness run --devices cpu --no-cold` on the
-# zoo (PyTorch 2.13 CPU, transformers 5.25, bitsandbytes 0.50.2, AVX512-BF16 CPU, 2 cores), from
-# tiny-llama (causal) and tiny-bert (encoder); the other zoo models and qwen-0.5b-shape check them.
-# Growth over the worker's baseline minus the model terms above, MiB, by compute path:
-RUNTIME_MIB: dict[str, dict[str, float]] = {
-    "causal:float32": {"load": 19.7, "first_forward": 26.6, "decode": 30.5, "quality": 36.9},
-    "causal:float16": {"load": 16.5, "first_forward": 26.0, "decode": 29.0, "quality": 29.9},
-    "causal:bfloat16": {"load": 15.9, "first_forward": 31.4, "decode": 40.2, "quality": 49.2},
-    "causal:bnb-int8": {"load": 17.7, "first_forward": 31.6, "decode": 35.4, "quality": 45.0},
-    "causal:bnb-4bit": {"load": 33.9, "first_forward": 44.0, "decode": 46.6, "quality": 45.9},  # median of 3
-    "encoder:float32": {"load": 18.3, "first_forward": 29.8, "encode": 32.7, "quality": 46.7},
-    "encoder:float16": {"load": 16.2, "first_forward": 25.4, "encode": 26.4, "quality": 29.6},
-    "encoder:bfloat16": {"load": 16.5, "first_forward": 32.1, "encode": 34.7, "quality": 49.0},
-    "encoder:bnb-int8": {"load": 18.6, "first_forward": 30.4, "encode": 39.4, "quality": 52.0},
-    "encoder:bnb-4bit": {"load": 32.8, "first_forward": 41.9, "encode": 42.6, "quality": 45.1},  # median of 3
+# zoo (PyTorch 2.13 CPU, transformers 5.25, bitsandbytes 0.50.2, AVX512-BF16 CPU, 2 busy cores):
+# the growth over the worker's baseline minus the model terms above, MiB, by compute path. Between
+# models the float rows agree within 3 MiB; bitsandbytes rows spread 6-12 MiB (heap the quantizer's
+# and the int8 matmul's small temporaries leave behind differs from run to run, even for one
+# combination). A later run of the zoo and qwen-0.5b-shape (1.9-2.8 GB peaks) check them.
+RUNTIME_MIB: dict[str, dict[str, float]] = {  # medians over the zoo's models (3 causal, 2 encoders)
+    "causal:float32": {"load": 19.5, "first_forward": 26.6, "decode": 30.5, "quality": 34.4},
+    "causal:float16": {"load": 15.8, "first_forward": 25.9, "decode": 28.9, "quality": 29.9},
+    "causal:bfloat16": {"load": 15.9, "first_forward": 31.4, "decode": 39.8, "quality": 48.9},
+    "causal:bnb-int8": {"load": 21.0, "first_forward": 34.2, "decode": 39.2, "quality": 45.0},
+    "causal:bnb-4bit": {"load": 28.9, "first_forward": 40.3, "decode": 42.8, "quality": 44.8},
+    "encoder:float32": {"load": 18.5, "first_forward": 29.5, "encode": 31.9, "quality": 51.1},
+    "encoder:float16": {"load": 15.6, "first_forward": 24.8, "encode": 25.6, "quality": 32.3},
+    "encoder:bfloat16": {"load": 15.8, "first_forward": 31.5, "encode": 33.2, "quality": 50.6},
+    "encoder:bnb-int8": {"load": 16.4, "first_forward": 27.9, "encode": 37.5, "quality": 57.0},
+    "encoder:bnb-4bit": {"load": 34.2, "first_forward": 41.1, "encode": 41.1, "quality": 47.4},
 }
 PAGE_BYTES = 4096  # a mapped embedding row a token reads makes (at least) its page resident
 RUNTIME_FALLBACK = "float32"  # families without a measured path use their compute dtype's, else this
