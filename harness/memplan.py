@@ -45,10 +45,10 @@ STEP_LOGIT_BYTES = 4  # fp32 logits of the last position, per sequence (prefill 
 # A worker's peak_memory_bytes on cpu is the highest VmHWM of its phases (harness.measure), and
 # rss_before_load_bytes its VmRSS after imports. The plan predicts the growth between them
 # (`host_peak_bytes`), phase by phase, the largest phase winning:
-#   load: the weights (not for a float load of the checkpoint's own dtype: those stay mapped and
-#     untouched until the first forward), the checkpoint's pages a converting or quantizing load maps
-#     and reads (file-backed and reclaimable, but resident: the checkpoint's size), and the
-#     quantizer's temporary (the largest layer it converts, at the checkpoint's dtype);
+#   load: the weights (not the tensors it keeps at the checkpoint's dtype: those stay mapped and
+#     untouched until the first forward), the checkpoint's pages of every tensor it converts or
+#     quantizes (mapped and read: file-backed and reclaimable, but resident), and the quantizer's
+#     temporary (the largest layer it converts, at the checkpoint's dtype);
 #   first_forward: the weights; after it, a mapped input embedding that no output head reads whole
 #     is resident only where tokens read it (a page per token fed, PAGE_BYTES);
 #   decode (causal LMs: + KV cache + step logits) or encode (encoders: + one batch's hidden states);
@@ -250,6 +250,7 @@ class _Weights:
     quantized_layers: int
     kept: tuple[str, ...]
     largest_converted: int = 0  # elements of the largest layer the family converts
+    unconverted_param_bytes: int = 0  # parameters the family leaves as they are, at their dtype
     estimated: bool = False  # no family rule: the generic estimate
 
 
@@ -335,17 +336,20 @@ def _count_weights(model: Any, spec: Precision, storage: str, compute: str, cpu_
             largest = max(largest, linear.numel)
     owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     total = sum(converted.values())
-    params = 0
+    params = unconverted = 0
     for name, param in model.named_parameters():  # tied parameters once
         params += param.numel()
         if id(owners[id(param)]) in converted:
             continue  # counted in the layer's planned bytes (weight, quant state and bias)
         dtype = "float32" if _in_module_list(name, fp32_modules) else str(param.dtype).removeprefix("torch.")
         total += param.numel() * DTYPE_BYTES[dtype]
+        unconverted += param.numel() * DTYPE_BYTES[dtype]
     for buffer in model.buffers():
         total += buffer.numel() * DTYPE_BYTES.get(str(buffer.dtype).removeprefix("torch."), 4)
     estimated = spec.quantized and family is None
-    return _Weights(total, params, quantized_params, len(converted), tuple(sorted(kept)), largest, estimated)
+    return _Weights(
+        total, params, quantized_params, len(converted), tuple(sorted(kept)), largest, unconverted, estimated
+    )
 
 
 def _count_gguf(model: Any, spec: Precision, hf_config: Any) -> _Weights:
@@ -644,10 +648,13 @@ def plan_memories(
         # layers that compute in fp32 return their input's dtype.
         kv = kv_cache_bytes(hf_config, config, prompt_tokens, new_tokens, batch_size, storage)
         transient = load_transient_bytes(precision, counted.largest_converted, saved, storage)
-        converts = spec.quantized or storage != saved
-        pages = _checkpoint_bytes(model, saved) if converts else 0
+        # Tensors a load keeps at the checkpoint's dtype stay mapped: untouched until the first
+        # forward, and no second copy; every other tensor's checkpoint pages are read while it is
+        # converted or quantized, beside the result.
+        mapped = counted.unconverted_param_bytes if storage == saved else 0
+        pages = _checkpoint_bytes(model, saved) - mapped
         if PRECISIONS[precision].family == "pre-quantized":  # loaded as saved: the file is the weights
-            transient, pages = 0, weights
+            transient, pages, mapped = 0, weights, 0
         own = {"load": transient, "first_forward": 0}
         if throughput:
             own["decode" if causal else "encode"] = (kv if causal else 0) + step
@@ -659,12 +666,11 @@ def plan_memories(
             notes_extra = "llama.cpp's KV cache, compute buffers and mapped file are not planned"
         elif kind == "cpu":
             notes_extra = ""
-            resident = {}
-            if not converts:  # the weights are the mapped checkpoint: resident as the phases touch them
+            resident = {"load": weights - mapped}
+            if mapped:  # resident as the phases touch them: an untied input embedding only where read
                 table = _untied_input_embedding_bytes(model)
                 fed = _tokens_fed(causal, batch_size, prompt_tokens, new_tokens, eval_tokens)
-                resident = {p: weights - table + min(table, fed[p] * PAGE_BYTES) for p in own}
-                resident["load"] = 0
+                resident |= {p: weights - table + min(table, fed[p] * PAGE_BYTES) for p in own if p != "load"}
             path = runtime_path(spec, compute)
             host_sizes = _host_phases(weights, own | {"load": pages + transient}, resident, path, causal)
             host, host_phase = _peak(host_sizes)
