@@ -12,56 +12,75 @@ of the architectures in `harness.archs`.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from harness.errors import UsageError
 from harness.models import model_kind_from_config
 from harness.registry import PRECISIONS, Precision
-from harness.units import GIB
+from harness.units import GIB, MIB
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int64": 8}
+# Each quantizer family's storage rule is its module's `planned_bytes` (harness/quantizers/<family>.py),
+# fitted to what the family really stores and checked out of sample against real loads
+# (tests/test_memplan.py, tests/test_quantizers.py).
 
-# --- bitsandbytes storage rules (bitsandbytes 0.50.2, checked against real loads) ------------
-BNB_4BIT_BLOCK = 64  # elements per absmax
-BNB_NESTED_BLOCK = 256  # absmax values per nested (double-quantization) absmax
-BNB_4BIT_CODE_BYTES = 16 * 4  # each 4-bit layer holds its own 16-entry fp32 code table
-BNB_NESTED_OFFSET_BYTES = 4  # nf4-dq: one fp32 offset per layer
-BNB_NESTED_CODE_BYTES = 256 * 4  # nf4-dq: each layer holds its own copy of the 256-entry dynamic map
-BNB_INT8_SCALE_BYTES = 4  # LLM.int8(): one fp32 scale (SCB) per output row
-# Other weight-only quantizers (torchao, quanto, HQQ, GGUF), an estimate: bits / 8 per element plus
-# one scale and one zero point per group (`Precision.options["group_size"]`, else one per output row),
-# each SCALE_BYTES wide.
-SCALE_BYTES = 2
+# --- activations the measurement makes (harness/quality.py, harness/throughput.py) -----------------
+# The quality pass holds one chunk's logits (CHUNK_TOKENS x vocab, fp32) and the reference's rows of
+# the same chunk (fp32, read from the .npy), and compares them in float64 blocks of
+# COMPARE_BLOCK_TOKENS rows: at most about five [block, vocab] float64 arrays at once (both
+# log-softmaxes, exp, difference, product). A device holds the chunk's logits at the compute dtype
+# plus their fp32 copy.
+QUALITY_FLOAT64_BLOCKS = 5
+STEP_LOGIT_BYTES = 4  # fp32 logits of the last position, per sequence (prefill keeps 1 position; decode steps)
 
-# --- activations the measurement makes --------------------------------------------------------
-# The quality pass compares reference and candidate logits chunk by chunk (harness/quality.py):
-# per logit, the candidate's fp32 logits (4) + fp64 log-softmax of reference (8) and candidate (8)
-# + one fp64 temporary of their difference/product (8).
-QUALITY_BYTES_PER_LOGIT = 4 + 8 + 8 + 8
-PREFILL_LOGIT_BYTES = 4  # fp32 logits of the last prompt position (prefill keeps 1 position)
-
-# --- load transient: extra host memory that from_pretrained holds during the load --------------
-# Rule: for a quantized precision, the largest tensor at the checkpoint's dtype (config.json's
-# torch_dtype/dtype, float32 when absent); nothing for float precisions.
-# Measured (CPU, transformers 5.24, bitsandbytes 0.50.2; peak RssAnon during from_pretrained
-# minus RssAnon before minus weight bytes; fresh process per load) on a 75.5M-param Llama (bf16
-# checkpoint 151 MB, largest tensor 25 MB; 3-4 runs each) and a Qwen2.5-0.5B-shaped model (bf16
-# checkpoint 988 MB, largest tensor 272 MB; 1 run each):
-#   fp32/fp16 from bf16: 2.4 / 4.8 MB: converted tensor by tensor into the final parameters. The
-#     mapped checkpoint adds ~1.0x its size of file-backed (reclaimable) RSS until the load ends.
-#   bf16 from bf16: none; the weights stay file-backed until the first forward touches them.
-#   int8: 17-20 / 42 MB; nf4, nf4-dq, fp4: <= 8 / <= 63 MB, with MALLOC_MMAP_THRESHOLD_=1048576.
-#   With glibc's default (dynamic) mmap threshold, freed quantization temporaries stay in the
-#   heap in some runs: anon excess up to 0.9x (int8), 1.2x (nf4), 2.2x (fp4) the checkpoint
-#   size on the 75M model, up to 1.24x (fp4) on the 0.5B one, bimodal between runs: allocator
-#   retention, not memory the load needs: every worker fixes the threshold (harness.worker).
-# Float precisions convert tensor by tensor (factor 0); every quantizer holds about one largest
-# tensor at the checkpoint dtype while it quantizes it (factor 1; measured for bitsandbytes).
+# --- host memory of a CPU worker, phase by phase ---------------------------------------------
+# A worker's peak_memory_bytes on cpu is the highest VmHWM of its phases (harness.measure), and
+# rss_before_load_bytes its VmRSS after imports. The plan predicts the growth between them
+# (`host_peak_bytes`), phase by phase, the largest phase winning:
+#   load: the weights (not the tensors it keeps at the checkpoint's dtype: those stay mapped and
+#     untouched until the first forward), the checkpoint's pages of every tensor it converts or
+#     quantizes (mapped and read: file-backed and reclaimable, but resident), and the quantizer's
+#     temporary (the largest layer it converts, at the checkpoint's dtype);
+#   first_forward: the weights; after it, a mapped input embedding that no output head reads whole
+#     is resident only where tokens read it (a page per token fed, PAGE_BYTES);
+#   decode (causal LMs: + KV cache + step logits) or encode (encoders: + one batch's hidden states);
+#   quality: + the quality pass's activations (QUALITY_FLOAT64_BLOCKS above);
+# each + RUNTIME_MIB[path][phase]: what the runtime itself adds by the end of that phase, whatever
+# the model. Most of it is shared-library pages (libtorch, oneDNN, bitsandbytes) that a forked
+# worker faults in again (resident already in the forkserver and the page cache: RSS counts them,
+# the machine does not pay for them twice), the rest allocator and interpreter growth.
+# Measured with a smaps probe at every phase boundary: `harness run --devices cpu --no-cold` on the
+# zoo (PyTorch 2.13 CPU, transformers 5.25, bitsandbytes 0.50.2, AVX512-BF16 CPU, 2 busy cores):
+# the growth over the worker's baseline minus the model terms above, MiB, by compute path. Between
+# models the float rows agree within 3 MiB; bitsandbytes rows spread 6-12 MiB (heap the quantizer's
+# and the int8 matmul's small temporaries leave behind differs from run to run, even for one
+# combination). A later run of the zoo and qwen-0.5b-shape (1.9-2.8 GB peaks) check them.
+RUNTIME_MIB: dict[str, dict[str, float]] = {  # medians over the zoo's models (3 causal, 2 encoders)
+    "causal:float32": {"load": 19.5, "first_forward": 26.6, "decode": 30.5, "quality": 34.4},
+    "causal:float16": {"load": 15.8, "first_forward": 25.9, "decode": 28.9, "quality": 29.9},
+    "causal:bfloat16": {"load": 15.9, "first_forward": 31.4, "decode": 39.8, "quality": 48.9},
+    "causal:bnb-int8": {"load": 21.0, "first_forward": 34.2, "decode": 39.2, "quality": 45.0},
+    "causal:bnb-4bit": {"load": 28.9, "first_forward": 40.3, "decode": 42.8, "quality": 44.8},
+    "encoder:float32": {"load": 18.5, "first_forward": 29.5, "encode": 31.9, "quality": 51.1},
+    "encoder:float16": {"load": 15.6, "first_forward": 24.8, "encode": 25.6, "quality": 32.3},
+    "encoder:bfloat16": {"load": 15.8, "first_forward": 31.5, "encode": 33.2, "quality": 50.6},
+    "encoder:bnb-int8": {"load": 16.4, "first_forward": 27.9, "encode": 37.5, "quality": 57.0},
+    "encoder:bnb-4bit": {"load": 34.2, "first_forward": 41.1, "encode": 41.1, "quality": 47.4},
+}
+PAGE_BYTES = 4096  # a mapped embedding row a token reads makes (at least) its page resident
+RUNTIME_FALLBACK = "float32"  # families without a measured path use their compute dtype's, else this
+GPU_HOST_REASON = (
+    "the host side of a GPU worker is not planned (CUDA libraries' pages, pinned staging buffers); "
+    "predicted_device_peak_bytes plans the allocator"
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +91,19 @@ class MemoryPlan:
     weight_bytes: int  # params + buffers + quant state at storage dtype, tied weights once
     quantized_param_frac: float
     kv_cache_bytes: int  # batch x (prompt + new tokens), activation dtype, GQA/MQA aware
-    activation_bytes: int  # largest activation the measurement makes (quality logits chunk etc.)
-    load_transient_bytes: int  # extra host memory from_pretrained needs during the load (measured rule)
-    peak_bytes: int  # weights + kv + activations + transient
+    activation_bytes: int  # largest activation the measurement makes (quality chunk, or step logits without quality)
+    load_transient_bytes: int  # extra memory a quantizer holds during the load (one largest tensor)
+    peak_bytes: int  # weights + kv + activations + transient: the need the pre-flight checks (no phase overlap assumed)
     notes: str  # e.g. "lm_head and embeddings kept in float16"
     param_count: int = 0  # parameters, tied once (a 4-bit layer counts its unpacked elements)
+    # Phase by phase (see "host memory of a CPU worker" above); None where the plan does not model it.
+    host_peak_bytes: int | None = None  # cpu: host RSS growth over the worker's baseline at its peak phase
+    host_peak_phase: str | None = None
+    checkpoint_pages_bytes: int = 0  # checkpoint pages a converting load keeps mapped (host, reclaimable)
+    runtime_bytes: int = 0  # the runtime's own growth at the host peak phase (RUNTIME_MIB)
+    host_phase_bytes: dict[str, int] | None = None  # cpu: the host RSS growth planned for each phase
+    device_peak_bytes: int | None = None  # cuda/xla: the allocator's peak (weights + the largest phase's own bytes)
+    device_peak_phase: str | None = None
 
     def breakdown(self) -> str:
         """`needs ≈ 17.4 GiB (weights 16.1 + KV 0.3 + logits 1.0 + load 0.0)`-style text, in GiB."""
@@ -222,88 +249,144 @@ class _Weights:
     quantized_params: int
     quantized_layers: int
     kept: tuple[str, ...]
+    largest_converted: int = 0  # elements of the largest layer the family converts
+    unconverted_param_bytes: int = 0  # parameters the family leaves as they are, at their dtype
+    estimated: bool = False  # no family rule: the generic estimate
 
 
-def _is_bnb(precision: Precision, bits: int) -> bool:
-    return precision.family == "bitsandbytes" and precision.bits == bits
+def _family(spec: Precision) -> ModuleType | None:
+    """The precision's family module (the registry's `quantizer`, else harness/quantizers/<family>.py),
+    for its `planned_bytes` rule; importing it never imports the quantizer library itself."""
+    name = spec.quantizer or f"harness.quantizers.{spec.family}"
+    if importlib.util.find_spec(name) is None:
+        return None
+    module = importlib.import_module(name)
+    return module if hasattr(module, "planned_bytes") else None  # e.g. a plugin's module without a rule
 
 
-def _generic_quantized_bytes(precision: Precision, numel: int, out_features: int) -> int:
-    group = precision.options.get("group_size") or max(numel // max(out_features, 1), 1)
-    return math.ceil(numel * precision.bits / 8) + math.ceil(numel / group) * 2 * SCALE_BYTES
+# A quantizer without a planning rule (a pre-quantized GPTQ or AWQ checkpoint, a plugin's module
+# without `planned_bytes`): its stated bits per weight plus a scale and a zero point per group (per
+# output row without a group), 2 bytes each; the plan's notes say it is an estimate.
+GENERIC_SCALE_BYTES = 2
 
 
 def _saved_precision(spec: Precision, config: dict) -> Precision:
-    """`as-saved` planned with the bits and group size its quantization_config states (4-bit if none)."""
+    """`as-saved` planned as the family its quantization_config names (bitsandbytes), else with the
+    bits and group size it states (4-bit if none), by the generic estimate above."""
     from dataclasses import replace
 
     saved = config.get("quantization_config") or {}
+    if saved.get("quant_method") == "bitsandbytes":
+        eight = bool(saved.get("load_in_8bit"))
+        options = {"load_in_8bit": True} if eight else {
+            "quant_type": saved.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
+        }  # fmt: skip
+        bnb = PRECISIONS["int8" if eight else "nf4"]
+        return replace(spec, family="bitsandbytes", quantizer=bnb.quantizer, bits=bnb.bits, options=options)
     bits = saved.get("bits") or saved.get("nbits") or (8 if saved.get("load_in_8bit") else 4)
-    group = saved.get("group_size") or saved.get("q_group_size") or (64 if saved.get("load_in_4bit") else None)
-    return replace(spec, bits=float(bits), options={"group_size": group})
+    group = saved.get("group_size") or saved.get("q_group_size")
+    return replace(spec, bits=float(bits), quantizer=None, options={"group_size": group})
+
+
+def _generic_bytes(spec: Precision, linear: Any) -> int:
+    group = spec.options.get("group_size") or linear.in_features
+    numel = linear.numel
+    scales = math.ceil(numel / group) * 2 * GENERIC_SCALE_BYTES
+    return math.ceil(numel * spec.bits / 8) + scales + linear.bias * linear.storage_bytes
 
 
 def _count_weights(model: Any, spec: Precision, storage: str, compute: str, cpu_packed: bool) -> _Weights:
-    """Bytes of every parameter, buffer and quant state after load and first forward."""
+    """Bytes of every parameter, buffer and quant state after load and first forward: the family's
+    `planned_bytes` for each Linear it converts, the storage dtype (or fp32 where the model keeps
+    modules in fp32) for everything else."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    precision = spec.name
-    quantized = spec.quantized
-    int8 = _is_bnb(spec, 8)
-    keep = _keys_to_not_convert(model) if quantized else []
-    fp32_modules = _fp32_patterns(model, storage)
-    owners: dict[int, tuple[str, Any, str]] = {}
-    kept = set()
-    for module_name, module in model.named_modules():
-        is_linear = type(module) is nn.Linear or isinstance(module, Conv1D)
-        if quantized and is_linear and not should_convert_module(module_name, keep):
-            kept.add(module_name)
-        for attr, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), (module_name, module, attr))
+    from harness.quantizers import PlannedLinear
 
-    total = params = quantized_params = layers = 0
+    family = _family(spec) if spec.quantized else None
+    keep = _keys_to_not_convert(model) if spec.quantized else []
+    fp32_modules = _fp32_patterns(model, storage)
+    converted: dict[int, int] = {}  # id(module) -> planned bytes of the converted layer
+    kept = set()
+    quantized_params = largest = 0
+    for module_name, module in model.named_modules():
+        conv1d = isinstance(module, Conv1D)
+        if not (spec.quantized and (type(module) is nn.Linear or conv1d)):
+            continue
+        if not should_convert_module(module_name, keep):
+            kept.add(module_name)
+            continue
+        out_features, in_features = (module.weight.shape[1], module.weight.shape[0]) if conv1d else module.weight.shape
+        linear = PlannedLinear(
+            out_features=int(out_features),
+            in_features=int(in_features),
+            bias=0 if module.bias is None else module.bias.numel(),
+            conv1d=conv1d,
+            storage_bytes=DTYPE_BYTES[storage],
+            compute_bytes=DTYPE_BYTES[compute],
+            cpu_packed=cpu_packed,
+        )
+        planned = family.planned_bytes(spec, linear) if family is not None else _generic_bytes(spec, linear)
+        if planned is not None:
+            converted[id(module)] = planned
+            quantized_params += linear.numel
+            largest = max(largest, linear.numel)
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    total = sum(converted.values())
+    params = unconverted = 0
     for name, param in model.named_parameters():  # tied parameters once
-        module_name, module, attr = owners[id(param)]
-        numel = param.numel()
-        params += numel
-        dtype = str(param.dtype).removeprefix("torch.")
-        if _in_module_list(name, fp32_modules):
-            dtype = "float32"
-        is_linear = type(module) is nn.Linear or isinstance(module, Conv1D)
-        if not (quantized and is_linear and should_convert_module(module_name, keep)):
-            total += numel * DTYPE_BYTES[dtype]
-            continue
-        if attr == "bias":
-            # int8 keeps biases at the fp16 storage dtype; Linear4bit's forward casts its bias to
-            # the compute dtype (bias.data = bias.data.to(x.dtype)) at the first forward.
-            bnb4 = spec.family == "bitsandbytes" and not int8
-            total += numel * DTYPE_BYTES[compute if bnb4 else storage]
-            continue
-        layers += 1
-        quantized_params += numel
-        out_features = param.shape[1] if isinstance(module, Conv1D) else param.shape[0]
-        if spec.family != "bitsandbytes":
-            total += _generic_quantized_bytes(spec, numel, int(out_features))
-            continue
-        if int8:
-            total += numel + out_features * BNB_INT8_SCALE_BYTES
-            continue
-        blocks = math.ceil(numel / BNB_4BIT_BLOCK)
-        total += math.ceil(numel / 2) + BNB_4BIT_CODE_BYTES
-        if cpu_packed:
-            # AVX512-BF16 CPUs repack at the first forward: absmax dequantized to one bf16 per block,
-            # the nested state dropped, the offset kept (bitsandbytes _convert_weight_packed_for_cpu).
-            total += blocks * 2 + (BNB_NESTED_OFFSET_BYTES if precision == "nf4-dq" else 0)
-        elif precision == "nf4-dq":
-            nested_absmax = math.ceil(blocks / BNB_NESTED_BLOCK) * 4
-            total += blocks + nested_absmax + BNB_NESTED_CODE_BYTES + BNB_NESTED_OFFSET_BYTES
-        else:
-            total += blocks * 4
+        params += param.numel()
+        if id(owners[id(param)]) in converted:
+            continue  # counted in the layer's planned bytes (weight, quant state and bias)
+        dtype = "float32" if _in_module_list(name, fp32_modules) else str(param.dtype).removeprefix("torch.")
+        total += param.numel() * DTYPE_BYTES[dtype]
+        unconverted += param.numel() * DTYPE_BYTES[dtype]
     for buffer in model.buffers():
         total += buffer.numel() * DTYPE_BYTES.get(str(buffer.dtype).removeprefix("torch."), 4)
-    return _Weights(total, params, quantized_params, layers, tuple(sorted(kept)))
+    estimated = spec.quantized and family is None
+    return _Weights(
+        total, params, quantized_params, len(converted), tuple(sorted(kept)), largest, unconverted, estimated
+    )
+
+
+def _count_gguf(model: Any, spec: Precision, hf_config: Any) -> _Weights:
+    """Bytes of the tensors in the precision's GGUF file (harness.quantizers.gguf's rule), from the
+    checkpoint's parameters (tied once; buffers are not written)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from harness.quantizers import gguf
+
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    inputs = model.get_input_embeddings()
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    tensors = []
+    for name, param in model.named_parameters():
+        module = owners[id(param)]
+        if param is getattr(inputs, "weight", None):
+            role, row = "token_embd", param.shape[-1]
+        elif isinstance(module, nn.Embedding):
+            role, row = "position_embd", param.shape[-1]
+        elif type(module) is nn.Linear or isinstance(module, Conv1D):
+            is_output = module is model.get_output_embeddings() and param.dim() == 2
+            role = "output" if is_output else "linear"
+            row = param.shape[0] if isinstance(module, Conv1D) else param.shape[-1]
+        else:
+            role, row = ("norm" if "norm" in type(module).__name__.lower() else "other"), param.shape[-1]
+        layer = next((int(part) for part in name.split(".") if part.isdecimal()), None)
+        tensors.append(gguf.PlannedTensor(name, int(row), param.numel(), role, layer))
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    rule = {"layers": int(text_config.num_hidden_layers), "n_gqa": heads // kv_heads}
+    total = gguf.planned_bytes(spec, tensors, **rule)
+    quantized = gguf.quantized_numel(spec, tensors, **rule)
+    types = gguf.planned_types(spec, tensors, **rule)
+    layers = sum(types[t.name] not in ("F32", "F16") for t in tensors)
+    params = sum(t.numel for t in tensors)
+    return _Weights(total, params, quantized, layers, ())
 
 
 def kv_cache_bytes(
@@ -337,14 +420,47 @@ def kv_cache_bytes(
     return cached * per_token
 
 
-def activation_bytes(hf_config: Any, config: dict, batch_size: int, logits_tokens: int) -> int:
-    """The largest activation the measurement makes: the quality pass's logits chunk, or the
-    prefill's last-position logits (causal LMs); encoders: the hidden states of a batch."""
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    if model_kind_from_config(config) != "causal-lm" and not _is_encoder_decoder(config):
-        return batch_size * max(logits_tokens, 1) * int(text_config.hidden_size) * 4
-    vocab = int(text_config.vocab_size)
-    return max(logits_tokens * vocab * QUALITY_BYTES_PER_LOGIT, batch_size * vocab * PREFILL_LOGIT_BYTES)
+def _text_config(hf_config: Any) -> Any:
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def _is_causal(config: dict) -> bool:
+    return model_kind_from_config(config) == "causal-lm" or _is_encoder_decoder(config)
+
+
+def quality_bytes(hf_config: Any, config: dict, logits_tokens: int) -> int:
+    """Host bytes of the quality pass's activations (0 with `logits_tokens` 0: quality off).
+
+    Causal LMs: a chunk's fp32 logits and the reference's fp32 rows of it, and the float64 blocks
+    of the comparison. Encoders: one batch of fp32 hidden states (harness.quality's sentences)."""
+    from harness.quality import COMPARE_BLOCK_TOKENS, ENCODER_BATCH, ENCODER_MAX_TOKENS
+
+    if not logits_tokens:
+        return 0
+    text_config = _text_config(hf_config)
+    if not _is_causal(config):
+        return ENCODER_BATCH * ENCODER_MAX_TOKENS * int(text_config.hidden_size) * 4
+    per_logit = 2 * logits_tokens * 4 + QUALITY_FLOAT64_BLOCKS * COMPARE_BLOCK_TOKENS * 8
+    return int(text_config.vocab_size) * per_logit
+
+
+def step_bytes(hf_config: Any, config: dict, batch_size: int, prompt_tokens: int) -> int:
+    """Causal LMs: the fp32 last-position logits of a prefill or decode step; encoders: one
+    batch's fp32 hidden states."""
+    text_config = _text_config(hf_config)
+    if not _is_causal(config):
+        return batch_size * prompt_tokens * int(text_config.hidden_size) * 4
+    return batch_size * int(text_config.vocab_size) * STEP_LOGIT_BYTES
+
+
+def activation_bytes(
+    hf_config: Any, config: dict, batch_size: int, logits_tokens: int, prompt_tokens: int = 128
+) -> int:
+    """The largest activation the measurement makes on the host: the quality pass's (with quality
+    on), else a prefill or decode step's."""
+    return max(
+        quality_bytes(hf_config, config, logits_tokens), step_bytes(hf_config, config, batch_size, prompt_tokens)
+    )
 
 
 def checkpoint_dtype(config: dict) -> str:
@@ -354,7 +470,9 @@ def checkpoint_dtype(config: dict) -> str:
 
 
 def load_transient_bytes(precision: str, largest_numel: int, saved_dtype: str, storage_dtype: str) -> int:
-    """Extra host memory from_pretrained holds during the load, by the measured rule above."""
+    """Extra anonymous memory a load holds beyond the weights: a quantizer holds about one tensor
+    it quantizes at the checkpoint's dtype (`largest_numel`: the largest layer it converts;
+    measured for bitsandbytes); a float load converts tensor by tensor into the final parameters."""
     factor = 1.0 if PRECISIONS[precision].quantized else 0.0
     return int(factor * largest_numel * DTYPE_BYTES[saved_dtype])
 
@@ -363,19 +481,84 @@ def _largest_numel(model: Any) -> int:
     return max((p.numel() for p in model.parameters()), default=0)
 
 
+def _checkpoint_bytes(model: Any, saved_dtype: str) -> int:
+    """The checkpoint's size from its parameters (tied once) at the dtype it is saved in."""
+    return sum(p.numel() for p in model.parameters()) * DTYPE_BYTES[saved_dtype]
+
+
+def runtime_path(spec: Precision, compute: str) -> str:
+    """The RUNTIME_MIB row of a precision: bitsandbytes by width, else its compute dtype."""
+    if spec.family == "bitsandbytes":
+        return "bnb-int8" if spec.options.get("load_in_8bit") else "bnb-4bit"
+    return compute
+
+
+def runtime_bytes(path: str, phase: str, kind: str) -> int:
+    """RUNTIME_MIB[path] at `phase` (encoders' own rows where measured), in bytes."""
+    rows = RUNTIME_MIB.get(f"{kind}:{path}") or RUNTIME_MIB.get(path) or RUNTIME_MIB.get(RUNTIME_FALLBACK, {})
+    return int(rows.get(phase, 0.0) * MIB)
+
+
+def _peak(sizes: dict[str, int]) -> tuple[int, str]:
+    """The largest phase: (bytes, phase name)."""
+    phase = max(sizes, key=lambda name: sizes[name])
+    return sizes[phase], phase
+
+
+def _host_phases(
+    weights: int, own: dict[str, int], resident: dict[str, int], path: str, causal: bool
+) -> dict[str, int]:
+    """Host RSS growth per phase of a CPU worker (see "host memory" above): the weights resident
+    then (`resident`), the phase's own bytes (`own`) and the runtime's (RUNTIME_MIB)."""
+    kind = "causal" if causal else "encoder"
+    return {
+        phase: resident.get(phase, weights) + extra + runtime_bytes(path, phase, kind) for phase, extra in own.items()
+    }
+
+
+def _untied_input_embedding_bytes(model: Any) -> int:
+    """Bytes of the input embedding table where no output head reads it whole (untied, or an encoder)."""
+    inputs = getattr(model.get_input_embeddings(), "weight", None)
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inputs is None or (outputs is not None and getattr(outputs, "weight", None) is inputs):
+        return 0
+    return inputs.numel() * inputs.element_size()
+
+
+def _tokens_fed(causal: bool, batch_size: int, prompt_tokens: int, new_tokens: int, eval_tokens: int) -> dict[str, int]:
+    """Tokens the worker has fed by the end of each phase (first forward, throughput, quality)."""
+    from harness.measure import FIRST_FORWARD_TOKENS
+    from harness.quality import ENCODER_MAX_TOKENS, ENCODER_SENTENCES
+
+    throughput = batch_size * (prompt_tokens + (new_tokens if causal else 0))
+    quality = eval_tokens if causal else ENCODER_SENTENCES * ENCODER_MAX_TOKENS
+    return {
+        "load": 0,
+        "first_forward": FIRST_FORWARD_TOKENS,
+        "decode": FIRST_FORWARD_TOKENS + throughput,
+        "encode": FIRST_FORWARD_TOKENS + throughput,
+        "quality": FIRST_FORWARD_TOKENS + throughput + quality,
+    }
+
+
 def _notes(spec: Precision, storage: str, compute: str, counted: _Weights, cpu_packed: bool, config: dict) -> str:
     notes = []
-    if counted.quantized_layers:
+    if spec.family == "gguf":
+        notes.append(
+            f"{counted.quantized_layers} tensors in {spec.description} (llama.cpp's per-tensor types), "
+            "the rest F16, norms and biases F32"
+        )
+    elif counted.quantized_layers:
         scheme = spec.description
         kept = "".join(f", {name}" for name in counted.kept)
         notes.append(f"{counted.quantized_layers} Linear layers in {scheme}; embeddings, norms{kept} kept in {storage}")
         if cpu_packed:
             notes.append("CPU-packed 4-bit layout (bf16 absmax)")
-        if spec.family != "bitsandbytes":
+        if counted.estimated:
             notes.append(f"estimate: {spec.bits:g} bits per weight + a scale and zero point per group")
     elif spec.quantized:
         notes.append(f"no Linear layer to quantize: all weights in {storage}")
-    if storage != compute:
+    if storage != compute and spec.family != "gguf":
         notes.append(f"computes in {compute}")
     if _is_encoder_decoder(config):
         notes.append("encoder-decoder model: the harness does not run it")
@@ -392,6 +575,7 @@ def plan_memory(
     new_tokens: int = 64,
     logits_tokens: int = 256,
     device: str = "cpu",
+    throughput: bool = True,
 ) -> MemoryPlan:
     """Predict the memory of loading and measuring `config` at `precision`, without any weights.
 
@@ -408,6 +592,7 @@ def plan_memory(
         new_tokens=new_tokens,
         logits_tokens=logits_tokens,
         device=device,
+        throughput=throughput,
     )[0]
 
 
@@ -421,14 +606,23 @@ def plan_memories(
     new_tokens: int = 64,
     logits_tokens: int = 256,
     device: str = "cpu",
+    throughput: bool = True,
+    eval_tokens: int = 2048,
     cpu_packed_4bit: bool | None = None,
 ) -> list[MemoryPlan]:
     """`plan_memory` for several precisions of one model: one meta model per storage dtype.
 
-    Keras precisions follow KerasHub's rules; every other precision is planned on the PyTorch meta
-    model (a float precision is the same bytes in any framework)."""
+    `logits_tokens`: the quality pass's chunk (0: quality off, `--no-quality`); `throughput`:
+    prefill/decode run (`--no-throughput` skips them); `eval_tokens`: the quality pass's tokens. Keras precisions follow KerasHub's rules;
+    every other precision is planned on the PyTorch meta model (a float precision is the same
+    bytes in any framework)."""
     hf_config = _transformers_config(config)
-    activations = activation_bytes(hf_config, config, batch_size, logits_tokens)
+    causal = _is_causal(config)
+    quality = quality_bytes(hf_config, config, logits_tokens)
+    step = step_bytes(hf_config, config, batch_size, prompt_tokens)
+    activations = max(quality, step)
+    saved = checkpoint_dtype(config)
+    kind = device.partition(":")[0]
     models: dict[str, Any] = {}
     plans = []
     for precision in precisions:
@@ -444,23 +638,70 @@ def plan_memories(
         if storage not in models:
             models[storage] = _meta_model(hf_config, config, storage)
         model = models[storage]
-        cpu_packed = device == "cpu" and fast_bf16 and _is_bnb(spec, 4) and cpu_packed_4bit is not False
-        counted = _count_weights(model, spec, storage, compute, cpu_packed)
+        bnb_4bit = spec.family == "bitsandbytes" and not spec.options.get("load_in_8bit")
+        cpu_packed = kind == "cpu" and fast_bf16 and bnb_4bit and cpu_packed_4bit is not False
+        if spec.family == "gguf":
+            counted = _count_gguf(model, spec, hf_config)
+        else:
+            counted = _count_weights(model, spec, storage, compute, cpu_packed)
+        weights = counted.weight_bytes
         # Hidden states (and so the cache) stay in the storage dtype of the embeddings: 4-bit
         # layers that compute in fp32 return their input's dtype.
         kv = kv_cache_bytes(hf_config, config, prompt_tokens, new_tokens, batch_size, storage)
-        transient = load_transient_bytes(precision, _largest_numel(model), checkpoint_dtype(config), storage)
+        transient = load_transient_bytes(precision, counted.largest_converted, saved, storage)
+        # Tensors a load keeps at the checkpoint's dtype stay mapped: untouched until the first
+        # forward, and no second copy; every other tensor's checkpoint pages are read while it is
+        # converted or quantized, beside the result.
+        mapped = counted.unconverted_param_bytes if storage == saved else 0
+        pages = _checkpoint_bytes(model, saved) - mapped
+        if PRECISIONS[precision].family == "pre-quantized":  # loaded as saved: the file is the weights
+            transient, pages, mapped = 0, weights, 0
+        own = {"load": transient, "first_forward": 0}
+        if throughput:
+            own["decode" if causal else "encode"] = (kv if causal else 0) + step
+        if quality:
+            own["quality"] = quality
+        host = runtime = device_peak = host_sizes = None
+        host_phase = device_phase = None
+        if spec.family == "gguf":
+            notes_extra = "llama.cpp's KV cache, compute buffers and mapped file are not planned"
+        elif kind == "cpu":
+            notes_extra = ""
+            resident = {"load": weights - mapped}
+            if mapped:  # resident as the phases touch them: an untied input embedding only where read
+                table = _untied_input_embedding_bytes(model)
+                fed = _tokens_fed(causal, batch_size, prompt_tokens, new_tokens, eval_tokens)
+                resident |= {p: weights - table + min(table, fed[p] * PAGE_BYTES) for p in own if p != "load"}
+            path = runtime_path(spec, compute)
+            host_sizes = _host_phases(weights, own | {"load": pages + transient}, resident, path, causal)
+            host, host_phase = _peak(host_sizes)
+            runtime = runtime_bytes(path, host_phase, "causal" if causal else "encoder")
+        else:
+            notes_extra = ""
+            if quality and causal:  # a device holds the chunk's logits at the compute dtype and their fp32 copy
+                text = _text_config(hf_config)
+                own["quality"] = logits_tokens * int(text.vocab_size) * (DTYPE_BYTES[compute] + 4)
+            device_peak, device_phase = _peak({phase: weights + extra for phase, extra in own.items()})
         plans.append(
             MemoryPlan(
                 precision=precision,
-                weight_bytes=counted.weight_bytes,
+                weight_bytes=weights,
                 quantized_param_frac=counted.quantized_params / counted.param_count if counted.param_count else 0.0,
                 kv_cache_bytes=kv,
                 activation_bytes=activations,
                 load_transient_bytes=transient,
-                peak_bytes=counted.weight_bytes + kv + activations + transient,
-                notes=_notes(spec, storage, compute, counted, cpu_packed, config),
+                peak_bytes=weights + kv + activations + transient,
+                notes="; ".join(
+                    filter(None, (_notes(spec, storage, compute, counted, cpu_packed, config), notes_extra))
+                ),
                 param_count=counted.param_count,
+                host_peak_bytes=host,
+                host_peak_phase=host_phase,
+                host_phase_bytes=host_sizes,
+                checkpoint_pages_bytes=pages if kind == "cpu" else 0,
+                runtime_bytes=runtime or 0,
+                device_peak_bytes=device_peak,
+                device_peak_phase=device_phase,
             )
         )
     return plans

@@ -34,8 +34,10 @@ class Fit:
 def plans_for(
     config: dict[str, Any], precisions: tuple[str, ...], fast_bf16: bool, options: Any, device: str
 ) -> dict[str, Any]:
-    """MemoryPlan per precision for one model and device."""
+    """MemoryPlan per precision for one model and device, for the phases `options` run (no quality
+    chunk with --no-quality, no prefill/decode with --no-throughput)."""
     from harness.memplan import plan_memories
+    from harness.quality import CHUNK_TOKENS
 
     names = tuple(dict.fromkeys(precisions))
     found = plan_memories(
@@ -45,7 +47,10 @@ def plans_for(
         batch_size=max(options.batch_sizes),
         prompt_tokens=max(options.prompt_lengths),
         new_tokens=options.new_tokens,
+        logits_tokens=CHUNK_TOKENS if options.quality else 0,
         device=device,
+        throughput=options.throughput,
+        eval_tokens=options.eval_tokens,
     )
     return dict(zip(names, found, strict=True))
 
@@ -172,7 +177,8 @@ def plan_table(
                 if "weight_bytes" not in row:
                     row.update(weight_bytes=plan.weight_bytes, kv_cache_bytes=plan.kv_cache_bytes,
                                activation_bytes=plan.activation_bytes, load_transient_bytes=plan.load_transient_bytes,
-                               peak_bytes=plan.peak_bytes, needed_bytes=needed, notes=plan.notes)  # fmt: skip
+                               peak_bytes=plan.peak_bytes, needed_bytes=needed, host_peak_bytes=plan.host_peak_bytes,
+                               device_peak_bytes=plan.device_peak_bytes, notes=plan.notes)  # fmt: skip
                 available = available_bytes(device, capabilities, options.available_memory_bytes)
                 row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
             for size in COMMON_SIZES_GIB:

@@ -131,6 +131,11 @@ class Record:
     )  # parameters + buffers + quant states, each storage once
     predicted_weight_bytes: int | None = None  # the memory plan's weights, from config.json before any load
     predicted_peak_bytes: int | None = None  # the plan's weights + KV cache + largest activation + load transient
+    # the plan phase by phase, for the measured peaks: host RSS growth over rss_before_load_bytes (cpu:
+    # weights, checkpoint pages mapped while loading, the phase's activations, the runtime's pages) ...
+    predicted_host_peak_bytes: int | None = None
+    # ... and the device allocator's peak (cuda, xla: weights + the largest phase's own tensors)
+    predicted_device_peak_bytes: int | None = None
     checkpoint_bytes: int | None = metric(
         "bytes", False, "size", label=f"checkpoint {MIB_LABEL}"
     )  # weight files on disk

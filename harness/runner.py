@@ -430,21 +430,35 @@ class Runner:
 
     def _preflight(self, combo: Combo) -> tuple[dict[str, int | None], str]:
         """(predicted fields, note): the note is `skip:<reason>` when the plan does not fit, else why
-        the prediction is missing (empty when present)."""
+        the predictions that are missing are missing (empty when all are present)."""
+        from harness.memplan import GPU_HOST_REASON
         from harness.preflight import available_bytes, fit
 
-        empty: dict[str, int | None] = {"predicted_weight_bytes": None, "predicted_peak_bytes": None}
+        names = ("predicted_weight_bytes", "predicted_peak_bytes", "predicted_host_peak_bytes",
+                 "predicted_device_peak_bytes")  # fmt: skip
+        empty: dict[str, int | None] = dict.fromkeys(names)
         plans, error = self.memory_plans(combo)
         if plans is None:
             return empty, f"memory plan failed: {error}"
         plan = plans[combo.precision]
-        predicted = {"predicted_weight_bytes": plan["weight_bytes"], "predicted_peak_bytes": plan["peak_bytes"]}
+        predicted = {
+            "predicted_weight_bytes": plan["weight_bytes"],
+            "predicted_peak_bytes": plan["peak_bytes"],
+            "predicted_host_peak_bytes": plan.get("host_peak_bytes"),
+            "predicted_device_peak_bytes": plan.get("device_peak_bytes"),
+        }
+        if predicted["predicted_host_peak_bytes"] is None and predicted["predicted_device_peak_bytes"] is None:
+            note = f"the memory plan models no phase of {combo.framework} workers yet, only their weights"
+        elif predicted["predicted_device_peak_bytes"] is None:
+            note = "cpu: the host is the device; see predicted_host_peak_bytes"
+        else:
+            note = GPU_HOST_REASON
         options = self.plan.options
         if not options.preflight:
-            return predicted, ""
+            return predicted, note
         available = available_bytes(combo.device, self.capabilities, options.available_memory_bytes)
         verdict = fit(combo, plans, available)
-        return predicted, f"skip:{verdict.reason}" if verdict.reason else ""
+        return predicted, f"skip:{verdict.reason}" if verdict.reason else note
 
     @staticmethod
     def _to_record(combo: Combo, model: ModelSource, main: WorkerResult, extra: list[WorkerResult]) -> Record:

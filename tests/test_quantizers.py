@@ -162,6 +162,20 @@ def test_bytes_of_one_linear_match_a_hand_count(name: str, load: Callable[[str],
     assert storage_bytes(tensors) == expected
 
 
+@pytest.mark.parametrize("name", sorted(HAND_COUNTS))
+def test_planned_bytes_of_one_linear_match_the_hand_count(name: str, load: Callable[[str], torch.nn.Module]) -> None:
+    """The family's memory-plan rule for the same layer (no bias; quanto adds its two fp32 scalar
+    buffers, input_scale and output_scale, which the module holds beside the weight)."""
+    from harness.quantizers import PlannedLinear
+
+    path, expected = HAND_COUNTS[name]
+    linear = load(name).model.layers[1].get_submodule(path)
+    layer = PlannedLinear(linear.out_features, linear.in_features, 0, False, storage_bytes=4, compute_bytes=4)
+    buffers = sum(b.untyped_storage().nbytes() for b in linear.buffers())
+    assert buffers == (8 if precision(name).family == "quanto" else 0)
+    assert family_module(name).planned_bytes(precision(name), layer) == expected + buffers
+
+
 @pytest.mark.parametrize("name", RUNS_ON_CPU)
 def test_whole_model_bytes_follow_the_bits(name: str, load: Callable[[str], torch.nn.Module]) -> None:
     from harness.quantizers import count_weights
@@ -224,7 +238,8 @@ def test_hqq_linear_runs_on_cpu_and_counts_its_bytes(nbits: int, packed_bytes: i
     """hqq itself quantizes and multiplies on CPU: packed W_q + fp32 scale and zero per group of 64."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    from harness.quantizers.hqq import quantized_weight
+    from harness.quantizers import PlannedLinear
+    from harness.quantizers.hqq import planned_bytes, quantized_weight
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(192, 512, bias=False)
@@ -241,6 +256,33 @@ def test_hqq_linear_runs_on_cpu_and_counts_its_bytes(nbits: int, packed_bytes: i
     assert logical == 512 * 192
     assert storage_bytes(tensors) == packed_bytes + 2 * (512 * 192 // 64) * 4
     assert quantized_weight(linear) is None
+    spec = Precision("hqq", "hqq", "hqq", ("pytorch",), nbits, options={"nbits": nbits, "group_size": 64})
+    layer = PlannedLinear(512, 192, 0, False, storage_bytes=4, compute_bytes=4)
+    assert planned_bytes(spec, layer) == storage_bytes(tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nbits", [4, 3, 2, 8])
+def test_hqq_rule_matches_hqq_linear_on_real_shapes(nbits: int) -> None:
+    """Out of sample: the 0.5B checkpoint's projection shapes (biased q_proj 896 x 896, mlp 4864 x
+    896 and 896 x 4864) and a row that is no multiple of the group's packing, in bf16 and fp32."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from harness.quantizers import PlannedLinear
+    from harness.quantizers.hqq import planned_bytes, quantized_weight
+
+    spec = Precision("hqq", "hqq", "hqq", ("pytorch",), nbits, options={"nbits": nbits, "group_size": 64})
+    for out_features, in_features, bias in ((896, 896, True), (4864, 896, False), (896, 4864, False), (100, 64, True)):
+        for dtype in (torch.bfloat16, torch.float32):
+            linear = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
+            quantized = HQQLinear(
+                linear, BaseQuantizeConfig(nbits=nbits, group_size=64), compute_dtype=dtype, device="cpu"
+            )
+            _, tensors = quantized_weight(quantized)
+            width = torch.finfo(dtype).bits // 8
+            layer = PlannedLinear(out_features, in_features, out_features if bias else 0, False, width, width)
+            counted = storage_bytes([*tensors, *([quantized.bias] if bias else [])])
+            assert planned_bytes(spec, layer) == counted, (out_features, in_features, dtype)
 
 
 @pytest.mark.slow

@@ -140,6 +140,36 @@ def test_comparison_table_rows_and_relative_columns(run1: Path) -> None:
     assert matrix.headers == ["model", "framework", "device", *PRECISIONS]
 
 
+def test_plan_peak_error_compares_like_with_like(run1: Path, tmp_path: Path) -> None:
+    """cpu: the worker's RSS growth over its baseline against the host plan; a GPU: the allocator's
+    peak against the device plan; `-` without an allocator peak or for records before the fields."""
+    mib = 1 << 20
+    known = {  # precision -> the fields of a known record and the cell it must give
+        "fp32": ({"rss_before_load_bytes": 400 * mib, "peak_memory_bytes": 500 * mib,
+                  "predicted_host_peak_bytes": 110 * mib}, "+10.00%"),
+        "bf16": ({"device": "cuda:0", "peak_memory_bytes": 1000 * mib, "peak_memory_phase": "quality",
+                  "predicted_device_peak_bytes": 900 * mib}, "-10.00%"),
+        "int8": ({"device": "cuda:0", "peak_memory_bytes": 1000 * mib, "peak_memory_phase": "host:quality",
+                  "predicted_device_peak_bytes": 900 * mib}, "-"),
+        "nf4": ({"predicted_host_peak_bytes": None, "predicted_peak_bytes": 10 * mib}, "-"),
+    }  # fmt: skip
+
+    def edit(record: dict[str, Any]) -> None:
+        if record["model"] == "tiny-llama":
+            record.update(known[record["precision"]][0])
+
+    frame, _ = load_frame([copy_run(run1, tmp_path / "known", edit)])
+    (llama,) = [t for t in comparison_tables(frame) if t.title.startswith("tiny-llama")]
+    cells = {row[llama.headers.index("precision")]: row[llama.headers.index("plan peak err")] for row in llama.rows}
+    assert cells == {precision: cell for precision, (_, cell) in known.items()}
+    # the real run: the plan of every row against its measured growth (runtime constants from this
+    # project's machines; other CPUs fault in other library pages, so the bound is loose)
+    real, _ = load_frame([run1])
+    for _, r in real[real["status"] == "ok"].iterrows():
+        growth = r["peak_memory_bytes"] - r["rss_before_load_bytes"]
+        assert r["predicted_host_peak_bytes"] == pytest.approx(growth, rel=0.3), (r["model"], r["precision"])
+
+
 def test_recommendation_follows_budget_and_tolerance(run1: Path) -> None:
     frame, _ = load_frame([run1])
     llama = frame[frame["model"] == "tiny-llama"]

@@ -3,7 +3,12 @@
 Each family module named by a registry entry's `quantizer` provides
 - `quantization_config(precision, compute_dtype)`: the transformers config passed to from_pretrained;
 - `quantized_weight(module)`: for a module the family quantized, (logical parameter count, every
-  plain tensor holding that weight: packed data, scales, zero points, code tables), else None.
+  plain tensor holding that weight: packed data, scales, zero points, code tables), else None;
+- `planned_bytes(precision, linear)`: the memory plan's rule, the bytes that family stores for one
+  `PlannedLinear` (weight, quant state, bias, per-module buffers), or None for a layer it leaves as
+  is. The rules are arithmetic: they never import the quantizer library (bitsandbytes' import probes
+  CUDA, torchao's takes seconds), so the plan runs anywhere. GGUF (harness.quantizers.gguf) plans a
+  whole file instead, by llama.cpp's per-tensor type choices.
 
 `count_weights` turns that into a model's true bytes, each storage once.
 """
@@ -16,6 +21,23 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class PlannedLinear:
+    """One nn.Linear (or transformers' Conv1D) a family may quantize, as the memory plan sees it."""
+
+    out_features: int
+    in_features: int
+    bias: int  # bias elements, 0 without a bias
+    conv1d: bool  # transformers' Conv1D (GPT-2), which only bitsandbytes replaces
+    storage_bytes: int  # bytes per element of what stays unquantized (the registry's storage dtype)
+    compute_bytes: int  # bytes per element of the compute dtype
+    cpu_packed: bool = False  # bitsandbytes' AVX512-BF16 CPU layout, made at the first forward
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
 
 
 def plain_tensors(tensor: Any) -> Iterator[torch.Tensor]:

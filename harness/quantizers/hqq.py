@@ -8,13 +8,20 @@ on CPU (HQQLinear, PyTorch backend). `quantized_weight` counts HQQLinear modules
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from harness.quantizers import PlannedLinear
 from harness.registry import PRECISIONS, Precision
 
 LOAD_REASON = PRECISIONS["hqq-int4"].device_reasons["cpu"]
+# hqq 0.2 (core/quantize.py, core/bitpack.py), checked on HQQLinear on CPU: with axis=1 (HqqConfig's
+# default) the weight is grouped as (numel / group, group); the codes are packed along the groups,
+# codes per word and word bytes by width (3-bit: 10 per int32, padded to a multiple of 10 groups);
+# scale and zero: one each per group at the compute dtype; the bias is cast to the compute dtype.
+PACKING = {8: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1), 1: (8, 1)}  # bits -> (codes per word, word bytes)
 
 
 def quantization_config(precision: Precision, compute_dtype: torch.dtype) -> Any:
@@ -44,3 +51,14 @@ def _meta_tensors(meta: dict[str, Any]) -> list[torch.Tensor]:
         elif isinstance(value, dict):
             found += _meta_tensors(value)
     return found
+
+
+def planned_bytes(precision: Precision, linear: PlannedLinear) -> int | None:
+    """Bytes of one nn.Linear as an HQQLinear (None for transformers' Conv1D, which HQQ leaves)."""
+    if linear.conv1d:
+        return None
+    nbits, group = int(precision.options["nbits"]), int(precision.options["group_size"])
+    per_word, word_bytes = PACKING[nbits]
+    groups = math.ceil(linear.numel / group)
+    packed = math.ceil(groups / per_word) * group * word_bytes
+    return packed + 2 * groups * linear.compute_bytes + linear.bias * linear.compute_bytes

@@ -7,12 +7,24 @@ their weight is a QBytesTensor (int8/float8 data + one scale per output row) or 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from harness.quantizers import plain_tensors
+from harness.quantizers import PlannedLinear, plain_tensors
 from harness.registry import Precision
+
+# optimum-quanto 0.2.7 (nn/qmodule.py, tensor/weights/qbits.py), read off real loads on CPU:
+# int8/float8: 8-bit data + one scale per output row at the weight's dtype. int4/int2: codes packed
+# 8 / bits per uint8 along the grouped rows + a scale and a shift per group at the weight's dtype;
+# the group is 128 input columns, stepped down by 32 (to 32 at least) until it divides the row, and
+# the whole row when the row is 128 or shorter or nothing divides it. The TinyGemm layout it picks
+# for int4 bf16 groups of 128 holds the same bytes (uint8 pairs + an interleaved scale/shift).
+# Every QModule also registers two scalar buffers (input_scale, output_scale): fp32, since
+# transformers builds the QLinear before it has a weight (scale_dtype is float32 then).
+GROUP_START, GROUP_STEP, GROUP_MIN = 128, 32, 32
+SCALAR_BUFFER_BYTES = 2 * 4
 
 
 def quantization_config(precision: Precision, compute_dtype: torch.dtype) -> Any:
@@ -32,3 +44,29 @@ def quantized_weight(module: torch.nn.Module) -> tuple[int, list[torch.Tensor]] 
     if not isinstance(weight, QTensor):
         return None
     return weight.numel(), list(plain_tensors(weight))
+
+
+def group_size(in_features: int) -> int | None:
+    """quanto's group for a row of `in_features` (QModuleMixin.__init__), None for one per row."""
+    group = GROUP_START
+    if in_features <= group:
+        return None
+    while in_features % group and group > GROUP_MIN:
+        group -= GROUP_STEP
+    return group if in_features % group == 0 else None
+
+
+def planned_bytes(precision: Precision, linear: PlannedLinear) -> int | None:
+    """Bytes of one nn.Linear as a QLinear (None for transformers' Conv1D, which quanto leaves)."""
+    if linear.conv1d:
+        return None
+    width = linear.storage_bytes
+    extra = linear.bias * width + SCALAR_BUFFER_BYTES
+    weights = precision.options["weights"]
+    if weights in ("int8", "float8"):
+        return linear.numel + linear.out_features * width + extra
+    bits = {"int4": 4, "int2": 2}[weights]
+    group = group_size(linear.in_features) or linear.in_features
+    groups = linear.numel // group
+    packed = math.ceil(groups / (8 // bits)) * group
+    return packed + 2 * groups * width + extra

@@ -82,19 +82,31 @@ def _rel_col(metric: str, scale: float = 1.0, digits: int = 3) -> Callable[[pd.S
     )
 
 
-def _plan_error(measured: str) -> Callable[[pd.Series], str]:
-    """The memory plan's error against a measured field: `+1.2%` means the plan predicted too much."""
+def _plan_weight_error(row: pd.Series) -> str:
+    """The memory plan's weights against the measured ones: `+1.2%` means the plan predicted too much."""
+    predicted, value = row["predicted_weight_bytes"], row["weight_bytes"]
+    if _missing(predicted) or _missing(value) or not value:
+        return "-"
+    return _pct(float(predicted) / float(value) - 1.0)
 
-    def cell(row: pd.Series) -> str:
-        predicted = row["predicted_weight_bytes"] if measured == "weight_bytes" else row["predicted_peak_bytes"]
-        value = row[measured]
-        if measured == "peak_memory_bytes" and _missing(value):  # records from before the headline
-            value = row["peak_rss_bytes"]
-        if _missing(predicted) or _missing(value) or not value:
-            return "-"
-        return _pct(float(predicted) / float(value) - 1.0)
 
-    return cell
+def _plan_peak_error(row: pd.Series) -> str:
+    """The memory plan's peak against the measured one, like with like: on cpu the host RSS growth
+    over the worker's baseline (peak_memory_bytes - rss_before_load_bytes) against
+    predicted_host_peak_bytes; on a GPU the allocator's peak against predicted_device_peak_bytes
+    (`-` where the device reports no allocator peak, or for records from before these fields)."""
+    peak, phase = row["peak_memory_bytes"], row["peak_memory_phase"]
+    if _missing(peak):
+        return "-"
+    if str(row["device"]) == "cpu":
+        predicted, base = row["predicted_host_peak_bytes"], row["rss_before_load_bytes"]
+        measured = None if _missing(base) else float(peak) - float(base)
+    else:
+        host_peak = not _missing(phase) and str(phase).startswith("host:")
+        predicted, measured = row["predicted_device_peak_bytes"], None if host_peak else float(peak)
+    if _missing(predicted) or measured is None or measured <= 0:
+        return "-"
+    return _pct(float(predicted) / measured - 1.0)
 
 
 def _label(field: str) -> str:
@@ -127,14 +139,11 @@ COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
     _label("load_s"): ("load_s", _rel_col("load_s")),
     _label("load_cold_s"): ("load_cold_s", _cold_load),
     _label("weight_bytes"): ("weight_bytes", _rel_col("weight_bytes", MIB)),
-    "plan weight err": ("predicted_weight_bytes", _plan_error("weight_bytes")),
+    "plan weight err": ("predicted_weight_bytes", _plan_weight_error),
     _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MIB)),
     _label("peak_memory_bytes"): ("peak_memory_bytes", _peak_memory),
-    "plan peak err": ("predicted_peak_bytes", _plan_error("peak_memory_bytes")),
-    _label("peak_device_allocated_bytes"): (
-        "peak_device_allocated_bytes",
-        _rel_col("peak_device_allocated_bytes", MIB),
-    ),
+    "plan peak err": ("predicted_peak_bytes", _plan_peak_error),
+    _label("peak_device_allocated_bytes"): ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MIB)),
     _label("prefill_tok_s"): ("prefill_tok_s", _rel_col("prefill_tok_s")),
     _label("decode_tok_s"): ("decode_tok_s", _rel_col("decode_tok_s")),
     _label("encode_samples_s"): ("encode_samples_s", _rel_col("encode_samples_s")),
