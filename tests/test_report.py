@@ -16,6 +16,7 @@ import pytest
 
 from harness.cli import main
 from harness.errors import UsageError
+from harness.memplan import RUNTIME_SPREAD_BYTES
 from harness.report import write_report
 from harness.report.frame import load_frame
 from harness.report.pareto import add_frontiers, pareto_mask
@@ -167,7 +168,8 @@ def test_plan_peak_error_compares_like_with_like(run1: Path, tmp_path: Path) -> 
     real, _ = load_frame([run1])
     for _, r in real[real["status"] == "ok"].iterrows():
         growth = r["peak_memory_bytes"] - r["rss_before_load_bytes"]
-        assert r["predicted_host_peak_bytes"] == pytest.approx(growth, rel=0.3), (r["model"], r["precision"])
+        bound = max(0.3 * growth, RUNTIME_SPREAD_BYTES)
+        assert abs(r["predicted_host_peak_bytes"] - growth) <= bound, (r["model"], r["precision"])
 
 
 def test_recommendation_follows_budget_and_tolerance(run1: Path) -> None:

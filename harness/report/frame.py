@@ -136,7 +136,9 @@ def dedupe(frame: pd.DataFrame, within: tuple[str, ...] = ()) -> tuple[pd.DataFr
     frame = frame.sort_values("finished_at", kind="stable")
     dup = frame.duplicated(key_columns, keep="last")
     notes = []
-    for key, group in frame[frame.duplicated(key_columns, keep=False)].groupby(key_columns, sort=True, dropna=False):  # lora_rank is NaN off training
+    for key, group in frame[frame.duplicated(key_columns, keep=False)].groupby(
+        key_columns, sort=True, dropna=False
+    ):  # lora_rank is NaN off training
         kept = group.iloc[-1]
         runs = ", ".join(group["run_id"].astype(str))
         notes.append(

@@ -143,7 +143,10 @@ COMPARISON_COLUMNS: dict[str, tuple[str, Callable[[pd.Series], str]]] = {
     _label("peak_rss_bytes"): ("peak_rss_bytes", _rel_col("peak_rss_bytes", MIB)),
     _label("peak_memory_bytes"): ("peak_memory_bytes", _peak_memory),
     "plan peak err": ("predicted_peak_bytes", _plan_peak_error),
-    _label("peak_device_allocated_bytes"): ("peak_device_allocated_bytes", _rel_col("peak_device_allocated_bytes", MIB)),
+    _label("peak_device_allocated_bytes"): (
+        "peak_device_allocated_bytes",
+        _rel_col("peak_device_allocated_bytes", MIB),
+    ),
     _label("prefill_tok_s"): ("prefill_tok_s", _rel_col("prefill_tok_s")),
     _label("decode_tok_s"): ("decode_tok_s", _rel_col("decode_tok_s")),
     _label("encode_samples_s"): ("encode_samples_s", _rel_col("encode_samples_s")),
