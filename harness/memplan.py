@@ -76,9 +76,10 @@ RUNTIME_MIB: dict[str, dict[str, float]] = {  # medians over the zoo's models (3
     "encoder:bnb-4bit": {"load": 34.2, "first_forward": 41.1, "encode": 41.1, "quality": 47.4},
 }
 # How far the runtime's own part may differ on another machine (other CPU, kernel, THP setting):
-# the same tiny fp32 LoRA step grew 57 MiB here and 103 MiB on the CI machine. A plan is checked
-# within a fraction of the measured peak or within this, whichever is larger.
-RUNTIME_SPREAD_BYTES = 64 << 20
+# the same tiny fp32 LoRA step grew 57 MiB here and 103 MiB on the CI machine, and a tiny bf16 one
+# 69 MiB more on CI than planned from this machine's constants. A plan is checked within a fraction of
+# the measured peak or within this, whichever is larger (on models of 100s of MiB the fraction rules).
+RUNTIME_SPREAD_BYTES = 128 << 20
 PAGE_BYTES = 4096  # a mapped embedding row a token reads makes (at least) its page resident
 RUNTIME_FALLBACK = "float32"  # families without a measured path use their compute dtype's, else this
 GPU_HOST_REASON = (

@@ -25,6 +25,13 @@ def suites(pytester: pytest.Pytester) -> Path:
     return target
 
 
+def test_no_suite_module_shares_a_name_with_a_test_module() -> None:
+    """pytest imports test modules by basename (rootdir-less, as pytester's in-process runs are): a
+    suites/ file named like a tests/ file fails to collect once the tests/ one is imported."""
+    tests = {p.name for p in Path(__file__).resolve().parent.glob("test_*.py")}
+    assert not tests & {p.name for p in SUITES.glob("test_*.py")}
+
+
 def collected_ids(result: pytest.RunResult) -> list[str]:
     return [line for line in result.outlines if "::" in line]
 

@@ -62,7 +62,7 @@ def test_checkpointing_int8_and_8bit_adam_move_the_plan_the_way_measured() -> No
     # On CPU, LLM.int8() in training keeps each quantized layer's input as it came (fp32 after kbit
     # preparation) on the autograd context, outside checkpointing: per token and layer the inputs of
     # q, k and v (one tensor of 192), o (192), gate and up (one of 192) and down (512), 4 bytes each; the
-    # real step's peak is checked against the plan in tests/test_finetune.py
+    # real step's peak is checked against the plan in tests/test_finetune_scenario.py
     kept = 4 * 256 * 4 * (192 + 192 + 192 + 512) * 4
     assert on["int8"].activation_bytes - on["nf4"].activation_bytes == pytest.approx(kept, rel=0.02)
     # bitsandbytes' AdamW8bit: two uint8 states, an fp32 absmax per 256 and two 256-entry fp32 maps for a

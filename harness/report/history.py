@@ -81,6 +81,15 @@ def load_history(history: Path, tonight: pd.DataFrame | None = None) -> pd.DataF
     return stacked
 
 
+NO_LORA_RANK = -1  # stands for lora_rank's NaN (an inference row) where a key must compare equal to itself
+
+
+def keyable(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with lora_rank's NaN replaced by NO_LORA_RANK, so that pivots and lookups on KEY keep
+    inference rows (pandas drops NaN group keys, and NaN never equals NaN in a tuple)."""
+    return frame.assign(lora_rank=frame["lora_rank"].astype(float).fillna(NO_LORA_RANK))
+
+
 def nightly_values(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per series (KEY), one column per night_index: the metric's nightly value."""
     return ok.assign(_v=pd.to_numeric(ok[metric], errors="coerce")).pivot_table(
@@ -99,7 +108,7 @@ def detect_steps(
     and by more than `min_change_pct`, from the up to `window` nights before."""
     columns = [*KEY, "hardware", "metric", "since", "window_median", "recent_median", "change_pct", "worse_pct",
                "p_value", "method", "verdict"]  # fmt: skip
-    ok = history[history["status"] == "ok"]
+    ok = keyable(history[history["status"] == "ok"])
     if ok.empty:
         return pd.DataFrame(columns=columns)
     newest = list(range(int(history["night_index"].max()) - recent + 1, int(history["night_index"].max()) + 1))
@@ -135,18 +144,19 @@ def detect_steps(
                     "verdict": verdict.verdict,
                 }
             )
-    return pd.DataFrame(rows, columns=columns)
+    steps = pd.DataFrame(rows, columns=columns)
+    return steps.assign(lora_rank=steps["lora_rank"].replace(NO_LORA_RANK, np.nan))
 
 
 def plot_trends(history: pd.DataFrame, steps: pd.DataFrame, out: Path) -> dict[str, Path]:
     """`trend_<metric>.png`: one panel per model and device, one line per precision × hardware ×
     stack over the nights, coloured by precision; series with a step are drawn thick, in red."""
     written: dict[str, Path] = {}
-    ok = history[history["status"] == "ok"]
+    ok = keyable(history[history["status"] == "ok"])
     if ok.empty or ok["night_index"].nunique() < 2:
         return written
     ticks = sorted(ok["night_index"].unique())
-    stepped = {tuple(r) for r in steps[[*KEY, "metric"]].itertuples(index=False)} if not steps.empty else set()
+    stepped = {tuple(r) for r in keyable(steps)[[*KEY, "metric"]].itertuples(index=False)} if not steps.empty else set()
     precisions = sorted(ok["precision"].unique())
     hardware = ok.drop_duplicates(KEY, keep="last").set_index(KEY)["hardware"]
     palette = {p: f"C{i % 10}" for i, p in enumerate(precisions)}
