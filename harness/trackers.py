@@ -176,14 +176,9 @@ def own_pids() -> set[int]:
     return pids
 
 
-NVML_NO_PID_REASON = (
-    "NVML lists no process with this worker's pid (pid namespaces differ, e.g. in a container), or NVML is unavailable"
-)
-
-
 def nvml_process_bytes(device_index: int, pids: set[int] | None = None) -> int | None:
     """GPU memory NVML attributes to this process on one device; None where NVML is absent or
-    lists none of this process's pids (never 0 for "not found": see NVML_NO_PID_REASON)."""
+    lists none of this process's pids (never 0 for "not found": see harness.records.NVML_NO_PID_REASON)."""
     try:
         import pynvml
     except ImportError:
