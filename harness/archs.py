@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.zoo import SEED, VOCAB_SIZE
+from harness.zoo_config import SEED, SPECIAL_IDS, VOCAB_SIZE
 
 CAUSAL_ARCHS: tuple[str, ...] = ("qwen2", "mistral", "phi3", "gpt_neox", "opt", "gemma")
 ENCODER_DECODER_ARCHS: tuple[str, ...] = ("t5", "bart")
 ARCHS: tuple[str, ...] = CAUSAL_ARCHS + ENCODER_DECODER_ARCHS
-SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 LARGE_VOCAB_SIZE = 128_256  # Llama 3's vocabulary
 # Embedding rows beyond the zoo vocabulary, per architecture whose transformers 5 tokenizer class adds
 # tokens when it loads the zoo tokenizer: Qwen2Tokenizer adds "<|endoftext|>" (its unk default) as

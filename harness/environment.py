@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness import __version__
+from harness.nvml import nvml_session
 
 LIBRARIES = (
     "torch",
@@ -176,27 +177,19 @@ def torch_cuda_build() -> str | None:
 
 def probe_gpus() -> tuple[list[GpuInfo], str | None, str | None]:
     """NVIDIA GPUs, driver and CUDA driver version through NVML; empty where NVML is absent."""
-    try:
-        import pynvml
-    except ImportError:
-        return [], None, None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return [], None, None
-    try:
+    with nvml_session() as nvml:
+        if nvml is None:
+            return [], None, None
         gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle).total
             gpus.append(GpuInfo(index, str(name), int(memory), f"{major}.{minor}"))
-        driver = str(pynvml.nvmlSystemGetDriverVersion())
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        driver = str(nvml.nvmlSystemGetDriverVersion())
+        cuda = nvml.nvmlSystemGetCudaDriverVersion()
         return gpus, driver, f"{cuda // 1000}.{(cuda % 1000) // 10}"
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def collect_environment() -> Environment:

@@ -13,7 +13,9 @@ A second worker (mode "adapter") loads a fresh base at the same precision, attac
 adapter and compares its logits with the trained model's (KL); then merges the adapter into the
 weights where peft can and compares again.
 
-Parent-side helpers here (settings, skip reasons, field lists) import no framework.
+What the parent needs about training lives elsewhere, so that it imports no measuring module: what
+can be trained and why not in harness.registry (lora_method, training_skip_reason), the scenario's
+record fields in harness.records (training_fields). TrainSettings here imports no framework.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class TrainSettings:
 
     @classmethod
     def from_options(cls, options: Any, precision: str) -> TrainSettings:
+        from harness.registry import lora_method
+
         method, reason = lora_method(precision, options.lora_rank)
         if method is None:
             raise ValueError(reason)
@@ -111,46 +115,6 @@ class Trainer(Protocol):
         """Fold the adapter into the weights; NotImplementedError (or the library's error) where impossible."""
 
 
-# --- parent side: what can be trained, and the fields that belong to this scenario -------------
-
-
-def lora_method(precision: str, rank: int) -> tuple[str | None, str]:
-    """(plain | kbit | full, "") for a precision and LoRA rank, or (None, why it cannot train)."""
-    from harness.registry import PRECISIONS
-
-    spec = PRECISIONS[precision]
-    if rank == 0:
-        if spec.quantized:
-            return None, (
-                f"full fine-tuning (--lora-rank 0) needs trainable weights; {precision} ({spec.family}) "
-                "stores frozen quantized ones: use --lora-rank 8 for (Q)LoRA"
-            )
-        return "full", ""
-    if not spec.lora:
-        return None, spec.no_lora_reason
-    return spec.lora, ""
-
-
-def training_skip_reason(framework: str, precision: str, model_kind: str | None, rank: int) -> str | None:
-    """Why this combination has no training step, or None: every rule from the registry."""
-    from harness.registry import FRAMEWORKS
-
-    descriptor = FRAMEWORKS[framework]
-    if descriptor.trainer is None:
-        return descriptor.no_trainer_reason or f"{framework} has no trainer"
-    if model_kind not in (None, "causal-lm"):
-        return "the finetune scenario trains causal LMs (next-token loss); this model has no LM head to train"
-    return lora_method(precision, rank)[1] or None
-
-
-def training_fields() -> tuple[str, ...]:
-    """Record fields only the finetune scenario measures (the Record section after roundtrip_max_abs_diff)."""
-    from harness.records import Record
-
-    names = Record.field_names()
-    return tuple(names[names.index("lora_method") :])
-
-
 # --- worker side --------------------------------------------------------------------------------
 
 
@@ -175,7 +139,7 @@ class TrainingFailed(RuntimeError):
 
 
 def _median_summary(samples: list[float]) -> tuple[float, float, float | None]:
-    from harness.throughput import ci_rel_or_none, median_iqr
+    from harness.repeats import ci_rel_or_none, median_iqr
 
     median, iqr = median_iqr(samples)
     return median, iqr, ci_rel_or_none(samples)

@@ -45,19 +45,6 @@ def page_cache_residency(backend: Any) -> float | None:
         return None
 
 
-def load_residency_fields(loads: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
-    """Page-cache residency before each warm load behind load_s (`loads`: the workers' fields, in
-    load_s_samples' order): the samples, and their minimum, so one partly cold sample shows."""
-    name = "page_cache_resident_frac_before_load"
-    samples = [fields.get(name) for fields in loads]
-    known = [s for s in samples if s is not None]
-    if not known:
-        reasons[name] = "no residency read: the checkpoint is not a local directory of weight files"
-        return {name: None, f"{name}_samples": samples}
-    reasons.pop(name, None)
-    return {name: min(known), f"{name}_samples": samples}
-
-
 def loaded_files(backend: Any) -> list[Path]:
     """The files the backend's load reads, after prepare(): the backend's own `weight_files()` where it
     has one (llama.cpp: the GGUF file it made), else the checkpoint's weight files, exactly those

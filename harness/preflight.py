@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.matrix import Capabilities, Combo
+from harness.nvml import nvml_session
 from harness.registry import DEFAULT_PRECISIONS
 from harness.units import GIB, human_bytes
 
@@ -91,18 +92,14 @@ def available_bytes(device: str, capabilities: Capabilities, override: int | Non
 
 
 def nvml_free_bytes(index: int) -> int | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
+    """Free memory NVML reports on GPU `index`; None where NVML is unavailable or the query fails."""
+    with nvml_session() as nvml:
+        if nvml is None:
+            return None
         try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return None
+            return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).free)
+        except nvml.NVMLError:
+            return None
 
 
 def needed_bytes(plan: dict[str, Any], device: str) -> int:

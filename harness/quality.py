@@ -16,6 +16,7 @@ import numpy as np
 from harness.backends.base import Backend
 from harness.config import RunOptions
 from harness.corpus import eval_text
+from harness.records import NO_TOKENIZER_REASON
 
 EVAL_TOKENS_FLOOR = 512  # never fewer: 16 bootstrap blocks of 32 tokens, so the KL CI stays meaningful
 QUALITY_BUDGET_FACTOR = 15  # the reference's quality forwards may take this many phase budgets (--time-budget)
@@ -101,9 +102,6 @@ def eval_token_ids(source: str, options: RunOptions) -> np.ndarray:
     tokenizer = load_tokenizer(source, options.trust_remote_code)
     ids = tokenizer(eval_text(options.eval_text), add_special_tokens=False)["input_ids"]
     return np.asarray(ids[: options.eval_tokens], dtype=np.int64)
-
-
-NO_TOKENIZER_REASON = "no tokenizer: pass --tokenizer"
 
 
 def model_eval_ids(model: Any, options: RunOptions) -> tuple[np.ndarray, str | None]:

@@ -18,6 +18,13 @@ SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
 ERROR_KINDS = ("oom", "timeout", "crash", "error")
 
+# na_reasons the parent writes for what a worker measured without (declared here, with the schema, so
+# the parent imports no measuring module for them)
+NO_TOKENIZER_REASON = "no tokenizer: pass --tokenizer"
+NVML_NO_PID_REASON = (
+    "NVML lists no process with this worker's pid (pid namespaces differ, e.g. in a container), or NVML is unavailable"
+)
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -269,7 +276,7 @@ class Record:
     roundtrip_reload_max_abs_diff: float | None = None  # the reloaded model's outputs vs the live one's after the save
 
     # --- fine-tuning (scenario "finetune", harness.finetune): N optimizer steps on one fixed batch ---
-    # Every field from here to the end belongs to the finetune scenario (harness.finetune.training_fields):
+    # Every field from here to the end belongs to the finetune scenario (training_fields below):
     # add inference fields above this section.
     lora_method: str | None = None  # plain (LoRA on the layers as loaded) | kbit (QLoRA) | full (no adapter)
     lora_rank: int | None = None  # 0: full fine-tuning
@@ -350,6 +357,12 @@ METRICS: Mapping[str, Metric] = MappingProxyType(
     {f.name: f.metadata["metric"] for f in fields(Record) if "metric" in f.metadata}
 )
 SAMPLED_METRICS: Mapping[str, Metric] = MappingProxyType({n: m for n, m in METRICS.items() if m.samples})
+
+
+def training_fields() -> tuple[str, ...]:
+    """Record fields only the finetune scenario measures (the Record section after roundtrip_max_abs_diff)."""
+    names = Record.field_names()
+    return tuple(names[names.index("lora_method") :])
 
 
 def na(record_fields: dict[str, Any], reasons: dict[str, str], reason: str, *names: str) -> None:

@@ -411,6 +411,32 @@ def family_of(name: str) -> str:
     return precision.family if precision else "unknown"
 
 
+def lora_method(precision: str, rank: int) -> tuple[str | None, str]:
+    """(plain | kbit | full, "") for a precision and LoRA rank, or (None, why it cannot train)."""
+    spec = PRECISIONS[precision]
+    if rank == 0:
+        if spec.quantized:
+            return None, (
+                f"full fine-tuning (--lora-rank 0) needs trainable weights; {precision} ({spec.family}) "
+                "stores frozen quantized ones: use --lora-rank 8 for (Q)LoRA"
+            )
+        return "full", ""
+    if not spec.lora:
+        return None, spec.no_lora_reason
+    return spec.lora, ""
+
+
+def training_skip_reason(framework: str, precision: str, model_kind: str | None, rank: int) -> str | None:
+    """Why this combination has no training step (the finetune scenario), or None: every rule from
+    the registry."""
+    descriptor = FRAMEWORKS[framework]
+    if descriptor.trainer is None:
+        return descriptor.no_trainer_reason or f"{framework} has no trainer"
+    if model_kind not in (None, "causal-lm"):
+        return "the finetune scenario trains causal LMs (next-token loss); this model has no LM head to train"
+    return lora_method(precision, rank)[1] or None
+
+
 def load_object(path: str) -> Any:
     """Import `"module:attribute"` (the lazy form backends and quantizers are declared in)."""
     module_name, _, attribute = path.partition(":")

@@ -11,6 +11,8 @@ half-width = t(0.975, n-1) x 1.2533 x 1.4826 x MAD / sqrt(n)
 (1.4826 x MAD estimates sigma without being moved by outliers; 1.2533 = sqrt(pi/2) is the
 median's standard error over the mean's for normal samples; Student's t widens it for small n).
 Pure functions: no clocks here, so synthetic sample streams test every rule.
+The summaries of repeated samples (median and IQR, the CI or None, the load repeats' page-cache
+residency) are here too: the parent uses them and imports no measuring module.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_TARGET_CI_REL = 0.05  # stop once the median's 95 % CI half-width is below 5 % of it
 DEFAULT_TIME_BUDGET_S = 2.0  # per timed phase: zoo phases take ~0.5 s today, so this keeps their wall close
@@ -29,6 +32,33 @@ MAX_SAMPLES = 200  # a safety cap for very fast, very noisy phases
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042)  # fmt: skip
+
+
+def median_iqr(samples: list[float]) -> tuple[float, float]:
+    """Median and interquartile range (0 for fewer than two samples)."""
+    if len(samples) < 2:
+        return samples[0], 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return statistics.median(samples), q3 - q1
+
+
+def ci_rel_or_none(values: list[float]) -> float | None:
+    """median_ci_rel, None where it is undefined (fewer than 2 samples)."""
+    ci = median_ci_rel(values)
+    return None if ci == float("inf") else ci
+
+
+def load_residency_fields(loads: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
+    """Page-cache residency before each warm load behind load_s (`loads`: the workers' fields, in
+    load_s_samples' order): the samples, and their minimum, so one partly cold sample shows."""
+    name = "page_cache_resident_frac_before_load"
+    samples = [fields.get(name) for fields in loads]
+    known = [s for s in samples if s is not None]
+    if not known:
+        reasons[name] = "no residency read: the checkpoint is not a local directory of weight files"
+        return {name: None, f"{name}_samples": samples}
+    reasons.pop(name, None)
+    return {name: min(known), f"{name}_samples": samples}
 
 
 def t975(dof: int) -> float:

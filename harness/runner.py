@@ -18,7 +18,6 @@ from harness.environment import Environment, collect_environment
 from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
-from harness.measure import load_residency_fields
 from harness.models import (
     ModelSource,
     materialize,
@@ -26,8 +25,7 @@ from harness.models import (
     resolve_model,
     unsupported_model_reason,
 )
-from harness.quality import NO_TOKENIZER_REASON
-from harness.records import Record
+from harness.records import NO_TOKENIZER_REASON, NVML_NO_PID_REASON, Record, training_fields
 from harness.registry import (
     FRAMEWORKS,
     PRECISIONS,
@@ -35,10 +33,10 @@ from harness.registry import (
     REFERENCE_ORDER,
     load_object,
     quantizer_preload,
+    training_skip_reason,
 )
+from harness.repeats import MIN_SAMPLES, RepeatPolicy, ci_rel_or_none, load_residency_fields, median_iqr, stop_reason
 from harness.storage import RunWriter
-from harness.throughput import ci_rel_or_none, median_iqr
-from harness.trackers import NVML_NO_PID_REASON
 from harness.worker import COLD_FIELDS, WorkerJob
 
 TRAINING_SCENARIO_NOTE = "not measured by the inference scenario: --scenario finetune trains"
@@ -47,8 +45,6 @@ INFERENCE_SCENARIO_NOTE = "not measured by the finetune scenario: --scenario inf
 
 def explain_scenario_nulls(record: Record) -> None:
     """Give every null field the other scenario measures its reason (each record is one scenario's)."""
-    from harness.finetune import training_fields
-
     if record.status != "ok":
         return
     training = set(training_fields())
@@ -326,7 +322,6 @@ class Runner:
 
     def _training_reason(self, combo: Combo, model: ModelSource) -> str | None:
         """Why `combo` has no training step (registry rules), or a missing trainer package, or None."""
-        from harness.finetune import training_skip_reason
         from harness.matrix import is_installed
 
         reason = training_skip_reason(combo.framework, combo.precision, model.kind, self.plan.options.lora_rank)
@@ -405,8 +400,6 @@ class Runner:
         """Fresh-worker loads after the main one. With --repeats 3 or more (the default is 3): until
         load_s's median is stable (harness.repeats) or --time-budget is spent, at least --repeats
         loads in all. Below 3, exactly --repeats loads: the user asked for fewer, at a known cost."""
-        from harness.repeats import MIN_SAMPLES, RepeatPolicy, stop_reason
-
         if not main.ok:
             return []
         options = self.plan.options

@@ -12,24 +12,10 @@ import numpy as np
 
 from harness.backends.base import Backend
 from harness.config import RunOptions
-from harness.repeats import RepeatOutcome, RepeatPolicy, median_ci_rel, policy_for, repeat_until
+from harness.repeats import RepeatOutcome, RepeatPolicy, median_iqr, policy_for, repeat_until
 from harness.trackers import PhaseMeter, PhaseResult
 
 MAX_REPEAT_FACTOR = 10  # never more than 10x the asked repeats, whatever min_timing_s or the CI target say
-
-
-def median_iqr(samples: list[float]) -> tuple[float, float]:
-    """Median and interquartile range (0 for fewer than two samples)."""
-    if len(samples) < 2:
-        return samples[0], 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return statistics.median(samples), q3 - q1
-
-
-def ci_rel_or_none(values: list[float]) -> float | None:
-    """median_ci_rel, None where it is undefined (fewer than 2 samples)."""
-    ci = median_ci_rel(values)
-    return None if ci == float("inf") else ci
 
 
 def repeat_policy(options: RunOptions) -> RepeatPolicy:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.nvml import nvml_session
+
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSize")
 
 
@@ -176,32 +178,20 @@ def own_pids() -> set[int]:
     return pids
 
 
-NVML_NO_PID_REASON = (
-    "NVML lists no process with this worker's pid (pid namespaces differ, e.g. in a container), or NVML is unavailable"
-)
-
-
 def nvml_process_bytes(device_index: int, pids: set[int] | None = None) -> int | None:
     """GPU memory NVML attributes to this process on one device; None where NVML is absent or
-    lists none of this process's pids (never 0 for "not found": see NVML_NO_PID_REASON)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    pids = pids or own_pids()
-    try:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        used = [p.usedGpuMemory for p in processes if p.pid in pids and p.usedGpuMemory is not None]
-        return int(sum(used)) if used else None
-    except pynvml.NVMLError:
-        return None
-    finally:
+    lists none of this process's pids (never 0 for "not found": see harness.records.NVML_NO_PID_REASON)."""
+    with nvml_session() as nvml:
+        if nvml is None:
+            return None
+        pids = pids or own_pids()
         try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+            handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
+            processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            used = [p.usedGpuMemory for p in processes if p.pid in pids and p.usedGpuMemory is not None]
+            return int(sum(used)) if used else None
+        except nvml.NVMLError:
+            return None
 
 
 class MemoryWatchdog:

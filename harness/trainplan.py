@@ -313,8 +313,8 @@ def plan_training(
 
     One simulation per distinct training shape (precisions that train alike, e.g. nf4 and fp4, share it).
     """
-    from harness.finetune import lora_method
     from harness.memplan import plan_memories
+    from harness.registry import lora_method
 
     methods = {p: lora_method(p, rank) for p in precisions}
     trainable = [p for p, (method, _) in methods.items() if method and PRECISIONS[p].family != "keras"]

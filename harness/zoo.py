@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import UsageError
+from harness.zoo_config import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SEED,
+    SPECIAL_IDS,
+    SPECIAL_TOKENS,
+    VOCAB_SIZE,
+    tiny_llama_config,
+)
 
 ZOO_DIR_ENV = "HARNESS_ZOO_DIR"
 RECIPE_VERSION = 1
-VOCAB_SIZE = 1024
-SEED = 1234
 MARKER = "harness-zoo.json"
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,9 @@ def causal_tokenizer():
 
     return PreTrainedTokenizerFast(
         tokenizer_file=str(_shared_tokenizer_file()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         model_input_names=["input_ids", "attention_mask"],
     )
 
@@ -108,7 +115,7 @@ def _encoder_tokenizer():
         tokenizer_object=tokenizer,
         cls_token="[CLS]",
         sep_token="[SEP]",
-        pad_token="<pad>",
+        pad_token=PAD_TOKEN,
         mask_token="[MASK]",
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
@@ -117,28 +124,6 @@ def _encoder_tokenizer():
 def _save(model, tokenizer, out: Path) -> None:
     model.save_pretrained(out)  # safetensors by default
     tokenizer.save_pretrained(out)
-
-
-def tiny_llama_config(**overrides):
-    """Llama with grouped-query attention (8 heads, 2 KV heads) and untied embeddings."""
-    from transformers import LlamaConfig
-
-    args = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    args.update(overrides)
-    return LlamaConfig(**args)
 
 
 def _build_tiny_llama(out: Path) -> None:
@@ -161,9 +146,7 @@ def _build_tiny_gpt2(out: Path) -> None:
         n_positions=1024,
         tie_word_embeddings=True,
         initializer_range=0.1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **SPECIAL_IDS,
     )
     torch.manual_seed(SEED)
     _save(GPT2LMHeadModel(config), causal_tokenizer(), out)
@@ -181,7 +164,7 @@ def _build_tiny_bert(out: Path) -> None:
         intermediate_size=1024,
         max_position_embeddings=512,
         initializer_range=0.1,
-        pad_token_id=0,
+        pad_token_id=SPECIAL_IDS["pad_token_id"],
     )
     torch.manual_seed(SEED)
     _save(BertModel(config, add_pooling_layer=True), _encoder_tokenizer(), out)

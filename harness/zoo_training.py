@@ -30,7 +30,7 @@ def train_tiny_llama(tokenizer, seed: int, steps: int = TRAIN_STEPS, shape: dict
     from transformers import LlamaForCausalLM
 
     from harness.corpus import training_text
-    from harness.zoo import tiny_llama_config
+    from harness.zoo_config import tiny_llama_config
 
     torch.manual_seed(seed)
     config = tiny_llama_config(**(shape or TINY_LLAMA_SHAPE), initializer_range=0.02)

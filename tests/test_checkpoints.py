@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from conftest import by_precision, run_matrix
-from harness.zoo import causal_tokenizer, ensure_built, tiny_llama_config
+from harness.zoo import causal_tokenizer, ensure_built
+from harness.zoo_config import tiny_llama_config
 
 pytestmark = pytest.mark.slow
 LOAD_ONLY = dict(throughput=False, quality=False, repeats=1)

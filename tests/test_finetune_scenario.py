@@ -9,8 +9,8 @@ import pytest
 
 from conftest import by_precision, run_matrix
 from harness.checks import adapter_problems, plan_problems, training_problems
-from harness.finetune import NO_GRADIENT_REASON, lora_method, training_skip_reason
-from harness.registry import PRECISIONS
+from harness.finetune import NO_GRADIENT_REASON
+from harness.registry import PRECISIONS, lora_method, training_skip_reason
 
 # tiny-llama-trained: 4 layers, hidden 192, MLP 512, 6 query heads and 2 KV heads of 32. LoRA rank 8 on
 # every Linear but the head: r x (in + out) per layer, q 192+192, k and v 192+64, o 192+192, gate and

@@ -1,4 +1,4 @@
-"""Issue 11: the offline GPU kit (ci/gpu/) and the checks on CUDA records (harness.cudacheck), on CPU.
+"""Issue 11: the offline GPU kit (ci/gpu/) and the checks on CUDA records (ci/gpu/cudacheck.py), on CPU.
 
 The checks run on a real CPU run dir and on hand-made CUDA records, each made to pass and, one
 field at a time, to fail. The wheelhouse size check, the offline install into a clean venv, the
@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from conftest import run_matrix
-from harness.cudacheck import NVML_LOG, Check, main, nvml_pid_problems, read_nvml_log, run_checks
 from harness.records import Record
 from harness.zoo import zoo_dir
 
@@ -34,6 +33,7 @@ import build_wheelhouse  # noqa: E402
 import nvml_sampler  # noqa: E402
 import packages  # noqa: E402
 import profile_decode  # noqa: E402
+from cudacheck import NVML_LOG, Check, main, nvml_pid_problems, read_nvml_log, run_checks  # noqa: E402
 
 MIB = 1 << 20
 GB = 10**9
@@ -444,7 +444,7 @@ def test_plan_mode_names_every_step_of_the_gpu_run() -> None:
         "--precisions fp32,fp16,bf16,int8,nf4,nf4-dq,fp4 --repeats 2",
         "--memory-limit 2G",
         "pytest suites/ -q -p no:cacheprovider -p harness.plugin -p pytest_benchmark.plugin --devices cuda",
-        "harness.cudacheck",
+        "ci/gpu/cudacheck.py",
     ):
         assert expected in out, expected
     bad = subprocess.run(["bash", str(KIT / "run.sh"), "--devices", "tpu", "--plan"], capture_output=True, text=True)

@@ -24,7 +24,8 @@ import pytest
 import harness
 from conftest import by_precision, run_matrix
 from harness.records import Record
-from harness.zoo import SEED, causal_tokenizer, ensure_built, zoo_dir
+from harness.zoo import causal_tokenizer, ensure_built, zoo_dir
+from harness.zoo_config import SEED
 
 pytestmark = pytest.mark.slow
 

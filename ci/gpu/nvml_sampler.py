@@ -10,7 +10,7 @@ a context:
   its parent is the forkserver), or a spawned child (`multiprocessing.spawn`);
 - `forkserver`: the forkserver itself; `resource-tracker`: multiprocessing's tracker;
 - `other`: anything else, e.g. the harness or pytest parent; `gone`: exited before /proc was read.
-The harness promises that only workers ever hold a CUDA context; harness.cudacheck checks this
+The harness promises that only workers ever hold a CUDA context; ci/gpu/cudacheck.py checks this
 log against it. The first line is a header ({"header": ...}) saying what was sampled, or why
 nothing could be (no NVML, no GPU), in which case the sampler exits 0 at once.
 """

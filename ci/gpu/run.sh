@@ -12,7 +12,7 @@
 # background; a random 1.1B Llama made on the device + a torch.profiler trace of one decode step;
 # `harness run` over the run models and the 1B in every precision, NVML process list sampled; a
 # --memory-limit run that must end as CUDA oom; the pytest suites on the zoo, sampled too;
-# `python -m harness.cudacheck` on each run dir; run dirs tarred into $OUT (<= 8 files, 16 MiB each).
+# `python ci/gpu/cudacheck.py` on each run dir; run dirs tarred into $OUT (<= 8 files, 16 MiB each).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -305,7 +305,7 @@ fi
 
 # --- 7. checks and packing ---------------------------------------------------------------------------
 if ((PLAN)); then
-    echo "== cudacheck      $PY -m harness.cudacheck $REPORTS/{harness,suites}$([[ $DEVICES == cuda ]] && echo ' --require-cuda'); memlimit with --expect-oom"
+    echo "== cudacheck      $PY ci/gpu/cudacheck.py $REPORTS/{harness,suites}$([[ $DEVICES == cuda ]] && echo ' --require-cuda'); memlimit with --expect-oom"
     echo "== pack           ${OUT_DIR:-\$OUT}/run-{harness,suites,memlimit}.tgz, cudacheck.txt, image-packages.txt, gpu-kit.log"
     exit 0
 fi
@@ -322,9 +322,9 @@ for name in harness suites memlimit; do
         [[ -f $LLAMA_DIR/build-facts.json ]] && cp "$LLAMA_DIR/build-facts.json" "$run_dir/profile/"
     fi
     if [[ $name == memlimit ]]; then
-        "$PY" -m harness.cudacheck "$run_dir" --expect-oom | tee -a "$OUT_DIR/cudacheck.txt"
+        "$PY" ci/gpu/cudacheck.py "$run_dir" --expect-oom | tee -a "$OUT_DIR/cudacheck.txt"
     else
-        "$PY" -m harness.cudacheck "$run_dir" "${REQUIRE[@]}" | tee -a "$OUT_DIR/cudacheck.txt"
+        "$PY" ci/gpu/cudacheck.py "$run_dir" "${REQUIRE[@]}" | tee -a "$OUT_DIR/cudacheck.txt"
     fi
     ((PIPESTATUS[0] != 0)) && FAILED=1
     pack "$name"

@@ -1,13 +1,14 @@
 """Checks on the records of a CUDA run: memory, dtypes, bitsandbytes kernels, roofline, outcomes, contexts.
 
-    python -m harness.cudacheck RUN_DIR [--nvml-log FILE] [--require-cuda] [--expect-oom]
+    python ci/gpu/cudacheck.py RUN_DIR [--nvml-log FILE] [--require-cuda] [--expect-oom]
 
 Reads a run dir (results.jsonl, environment.json, and what ci/gpu/run.sh adds beside them:
 `model-configs/<model dir name>.json`, `nvml.jsonl`, `profile/summary.json`) and prints one line per
 check, PASS / FAIL / SKIP with its numbers, the problems of a FAIL indented below it, then the
 numbers of the 1.1B Llama beside FACTS' H100 anchors. Exit code 1 on any FAIL. Every check is a
 function over plain record dicts that returns its problems as strings (as harness.checks does),
-so it runs on the CPU machine over a run dir copied back from the GPU.
+so it runs on the CPU machine over a run dir copied back from the GPU. A CI script, not part of
+the harness's wheel: it imports the harness from the repository root it sits in.
 
 SKIP means nothing to check (e.g. no CUDA record in a CPU run); `--require-cuda` makes a run
 without ok CUDA records, or without an NVML log, a FAIL. `--expect-oom` is for the run made with
@@ -23,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: the tree's harness
 
 from harness.measure import FIRST_FORWARD_TOKENS
 from harness.memplan import DTYPE_BYTES, kv_cache_bytes
@@ -513,7 +516,7 @@ def anchor_lines(records: list[dict[str, Any]], run_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.cudacheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ci/gpu/cudacheck.py", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--nvml-log", type=Path, help=f"nvml_sampler.py's log (default: RUN_DIR/{NVML_LOG} if present)")
     parser.add_argument("--require-cuda", action="store_true", help="no ok CUDA record, or no NVML log, is a FAIL")
