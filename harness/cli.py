@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     budget = parse_bytes(args.budget_bytes) if args.budget_bytes else None
     if args.finetune:
-        from harness.trainplan import training_plan_table
+        from harness.preflight import training_plan_table
 
         rows = training_plan_table(selection.models, selection.precisions, selection.devices, capabilities, options,
                                    budget)  # fmt: skip

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from harness import __version__
+from harness._version import __version__
 from harness.nvml import nvml_session
 
 LIBRARIES = (

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-TRAIN_PHASES = ("train_forward", "train_backward", "train_optimizer")
+from harness.records import TRAIN_PHASES
+
 TRAINED_LOGITS_FILE = "trained_logits.npy"
 TRAIN_IDS_FILE = "train_ids.npy"
 NO_GRADIENT_REASON = (

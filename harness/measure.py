@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Backend
-from harness.finetune import TRAIN_PHASES
+from harness.records import TRAIN_PHASES
 from harness.trackers import PhaseMeter, PhaseResult, Timer, proc_status
 
 FIRST_FORWARD_TOKENS = 16

@@ -184,3 +184,89 @@ def plan_table(
                 row["fits_budget"] = row["needed_bytes"] <= budget_bytes
             rows.append(row)
     return rows
+
+
+def training_fit(combo: Combo, plans: dict[str, Any], available: int | None) -> Fit:
+    """Does the training step of `combo` fit `available` bytes less the pre-flight margin? The reason
+    names the plan's terms at its peak phase and the first precision that would fit."""
+    plan = plans[combo.precision]
+    needed = needed_bytes(plan, combo.device)
+    if available is None or needed <= int(available * (1 - MARGIN_FRAC)):
+        return Fit(needed, available, None)
+    usable = int(available * (1 - MARGIN_FRAC))
+    phase_bytes = plan[plan["peak_phase"].removeprefix("train_") + "_bytes"]
+    steady = (
+        plan["weight_bytes"] + plan["upcast_bytes"] + plan["optimizer_state_bytes"] + plan["runtime_bytes"]
+    )  # at the peak
+    adapter = 0 if plan["method"] == "full" else plan["trainable_param_bytes"]
+    terms = (("weights", plan["weight_bytes"]), ("fp32 upcast", plan["upcast_bytes"]), ("adapter", adapter),
+             ("optimizer states", plan["optimizer_state_bytes"]),
+             ("activations, gradients and temporaries", phase_bytes - steady - adapter), ("runtime", plan["runtime_bytes"]))  # fmt: skip
+    parts = " + ".join(f"{name} {human_bytes(value)}" for name, value in terms if value)
+    trainable = {p: v for p, v in plans.items() if not isinstance(v, str)}
+    fitting = [
+        p for p in (*FIT_ORDER, *trainable) if p in trainable and needed_bytes(trainable[p], combo.device) <= usable
+    ]
+    alternative = (
+        f"{fitting[0]} needs {human_bytes(needed_bytes(trainable[fitting[0]], combo.device))}"
+        if fitting
+        else "no precision fits: lower --seq-len or --batch-sizes, or turn on --gradient-checkpointing"
+    )
+    reason = (
+        f"training needs ≈ {human_bytes(needed)} at its {plan['peak_phase'].replace('_', ' ')} peak ({parts}); "
+        f"{combo.device} has {human_bytes(available)} free (less a {MARGIN_FRAC:.0%} margin); {alternative}; "
+        "--no-preflight runs it anyway"
+    )
+    return Fit(needed, available, reason)
+
+
+def training_plan_table(
+    models: tuple[str, ...],
+    precisions: tuple[str, ...],
+    devices: tuple[str, ...],
+    capabilities: Capabilities,
+    options: Any,
+    budget_bytes: int | None = None,
+) -> list[dict[str, Any]]:
+    """`harness plan --finetune`: one row per model x precision with the training step's planned bytes
+    and where it fits (the columns of `plan_table`); a precision that cannot train
+    keeps its row, with the reason in `notes` and no fit."""
+    from harness.memplan import read_config
+    from harness.trainplan import training_plans_for
+
+    rows = []
+    for model in models:
+        config = read_config(model)
+        per_device = {
+            d: training_plans_for(config, precisions, capabilities.runs_bf16_well(d), options, d) for d in devices
+        }
+        for precision in precisions:
+            row: dict[str, Any] = {"model": model, "precision": precision}
+            first = per_device[devices[0]][precision]
+            if isinstance(first, str):
+                row.update(dict.fromkeys(TRAINING_PLAN_BYTES), needed_bytes=None, method=None, notes=first)
+                row.update({f"fits_{d}": False for d in devices})
+                row.update({f"fits_{size}GiB": False for size in COMMON_SIZES_GIB})
+                if budget_bytes is not None:
+                    row["fits_budget"] = False
+                rows.append(row)
+                continue
+            row.update(method=first["method"], **{k: first[k] for k in TRAINING_PLAN_BYTES},
+                       needed_bytes=needed_bytes(first, devices[0]), notes=first["notes"])  # fmt: skip
+            for device in devices:
+                plan = per_device[device][precision]
+                available = available_bytes(device, capabilities, options.available_memory_bytes)
+                needed = needed_bytes(plan, device)
+                row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
+            for size in COMMON_SIZES_GIB:
+                row[f"fits_{size}GiB"] = row["needed_bytes"] <= size * GIB * (1 - MARGIN_FRAC)
+            if budget_bytes is not None:
+                row["fits_budget"] = row["needed_bytes"] <= budget_bytes
+            rows.append(row)
+    return rows
+
+
+TRAINING_PLAN_BYTES = (
+    "weight_bytes", "upcast_bytes", "trainable_param_bytes", "optimizer_state_bytes", "activation_bytes",
+    "forward_bytes", "backward_bytes", "optimizer_bytes",
+)  # fmt: skip

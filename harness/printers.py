@@ -93,7 +93,7 @@ PLAN_COLUMNS = (
     ("model", "model"), ("precision", "precision"), ("weight_bytes", "weights"), ("kv_cache_bytes", "KV"),
     ("activation_bytes", "activations"), ("load_transient_bytes", "load"), ("needed_bytes", "needs"),
 )  # fmt: skip
-# `harness plan --finetune` rows (harness.trainplan.training_plan_table)
+# `harness plan --finetune` rows (harness.preflight.training_plan_table)
 TRAINING_PLAN_COLUMNS = (
     ("model", "model"), ("precision", "precision"), ("method", "method"), ("weight_bytes", "weights"),
     ("upcast_bytes", "fp32 upcast"), ("trainable_param_bytes", "trainable"), ("optimizer_state_bytes", "optimizer"),

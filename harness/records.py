@@ -17,6 +17,7 @@ from harness.units import MIB_LABEL
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
 ERROR_KINDS = ("oom", "timeout", "crash", "error")
+TRAIN_PHASES = ("train_forward", "train_backward", "train_optimizer")  # a training step's measured phases
 
 # na_reasons the parent writes for what a worker measured without (declared here, with the schema, so
 # the parent imports no measuring module for them)

@@ -370,8 +370,7 @@ class Runner:
 
     def _training_preflight(self, combo: Combo) -> tuple[dict[str, int | None], str]:
         """(predicted training fields, note), like `_preflight` but from the training plan (harness.trainplan)."""
-        from harness.preflight import available_bytes
-        from harness.trainplan import training_fit
+        from harness.preflight import available_bytes, training_fit
 
         names = ("predicted_train_forward_bytes", "predicted_train_backward_bytes", "predicted_train_optimizer_bytes")
         empty: dict[str, int | None] = dict.fromkeys(names)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.finetune import TRAIN_PHASES
+from harness.records import TRAIN_PHASES
 from harness.report.formats import Block, Bullets, Heading, Image, Text
 from harness.report.pareto import FRONTIER_GROUP, pareto_mask
 from harness.report.tables import Table, num
