@@ -76,7 +76,7 @@ def load_history(history: Path, tonight: pd.DataFrame | None = None) -> pd.DataF
         return pd.DataFrame(columns=[*KEY, "hardware", "status", "night", "night_index"])
     nights = [*names, TONIGHT]
     stacked = add_derived(pd.concat(frames, ignore_index=True))
-    stacked = stacked.drop(columns=[c for c in stacked.columns if c.endswith("_rel")])
+    stacked = stacked.drop(columns=[c for c in stacked.columns if c.endswith("_rel")]).copy()  # one block, not hundreds
     stacked["night_index"] = stacked["night"].map({n: i for i, n in enumerate(nights)})
     return stacked
 
