@@ -197,7 +197,10 @@ def adapter_problems(record: dict[str, Any], check_merge: bool = True) -> list[s
 
 def plan_problems(record: dict[str, Any], tolerance: float = PLAN_TOLERANCE_FRAC) -> list[str]:
     """Each training phase's measured peak (above the pre-load baseline on the host) within the plan's
-    +-tolerance, or on the host within the runtime's machine-to-machine spread (memplan.RUNTIME_SPREAD_BYTES)."""
+    +-tolerance, or on the host within the runtime's machine-to-machine spread (memplan.RUNTIME_SPREAD_BYTES).
+    On the host the optimizer step's RSS may lie anywhere from its own plan up to the backward's: glibc
+    keeps heap the backward freed (measured: 0.5B bf16 without checkpointing, optimizer RSS 1551 MiB
+    for 1108 MiB of planned tensors, backward 2115 MiB)."""
     from harness.memplan import RUNTIME_SPREAD_BYTES
 
     problems = []
@@ -210,9 +213,13 @@ def plan_problems(record: dict[str, Any], tolerance: float = PLAN_TOLERANCE_FRAC
             continue
         measured -= record["rss_before_load_bytes"] if host else 0
         spread = RUNTIME_SPREAD_BYTES if host else 0
-        if abs(planned - measured) > max(tolerance * measured, spread):
+        retained = record.get("predicted_train_backward_bytes") if host and phase == "optimizer" else None
+        low, high = planned, max(planned, retained or planned)
+        slack = max(tolerance * measured, spread)
+        if not low - slack <= measured <= high + slack:
+            shown = f"{planned / 2**20:.0f}" if low == high else f"{low / 2**20:.0f}-{high / 2**20:.0f}"
             problems.append(
-                f"train {phase}: planned {planned / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
+                f"train {phase}: planned {shown} MiB, measured {measured / 2**20:.0f} MiB "
                 f"({planned / measured - 1:+.0%}, beyond ±{tolerance:.0%} and ±{spread >> 20} MiB)"
             )
     return problems

@@ -127,27 +127,30 @@ def _quantized_linear_classes(compute_dtype: Any, int8: bool, device: str) -> An
 
     int8_copy = device.partition(":")[0] != "cpu"
 
-    class KeepsInputOnContext(torch.autograd.Function):
-        """LLM.int8() in training keeps its input on the autograd context, outside save_for_backward (so
-        gradient checkpointing keeps it too): on CPU as it came (MatMul8bitFp: A, the matmul in A's dtype),
-        on GPUs with its int8 copy (MatMul8bitLt: A and CAt)."""
+    class DequantizingMatmul(torch.autograd.Function):
+        """A frozen quantized matmul: it keeps only the stored weight and dequantizes a temporary copy in
+        each pass, so no dequantized weight outlives its matmul (bitsandbytes' MatMul4Bit keeps the packed
+        weight alone). `keep_input`: LLM.int8() also keeps its input on the autograd context, outside
+        save_for_backward (so gradient checkpointing keeps it too): on CPU as it came (MatMul8bitFp: A,
+        the matmul in A's dtype), on GPUs with its int8 copy (MatMul8bitLt: A and CAt)."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, weight: Any) -> Any:
-            ctx.kept = (x, torch.empty_like(x, dtype=torch.int8)) if int8_copy else (x,)
-            ctx.weight = weight  # the stored (frozen) weight; each pass dequantizes a temporary copy
+        def forward(ctx: Any, x: Any, weight: Any, keep_input: bool) -> Any:
+            if keep_input:
+                ctx.kept = (x, torch.empty_like(x, dtype=torch.int8)) if int8_copy else (x,)
+            ctx.weight = weight
             return F.linear(x, weight.to(x.dtype, copy=True))
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            return grad @ ctx.weight.to(grad.dtype, copy=True), None
+            return grad @ ctx.weight.to(grad.dtype, copy=True), None, None
 
     class SimulatedQuantizedLinear(nn.Linear):
         def forward(self, x: Any) -> Any:
             if int8:
-                out = KeepsInputOnContext.apply(x.to(compute_dtype) if int8_copy else x, self.weight)
-            else:  # 4-bit: the input cast to the compute dtype, the weight dequantized one layer at a time
-                out = F.linear(x.to(compute_dtype), self.weight.to(compute_dtype, copy=True))
+                out = DequantizingMatmul.apply(x.to(compute_dtype) if int8_copy else x, self.weight, True)
+            else:  # 4-bit: the input cast to the compute dtype (peft's Linear4bit does), nothing kept
+                out = DequantizingMatmul.apply(x.to(compute_dtype), self.weight, False)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
             return out.to(x.dtype)

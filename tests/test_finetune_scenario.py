@@ -175,3 +175,27 @@ def test_kerashub_lora_trains_and_reloads_on_tensorflow_and_jax(tmp_path: Path, 
         assert "simulates pytorch" in record["na_reasons"]["predicted_train_forward_bytes"]
         unexplained = [k for k, v in record.items() if v is None and k not in record["na_reasons"]]
         assert not unexplained, unexplained
+
+
+def test_plan_check_lets_the_hosts_optimizer_step_keep_the_backwards_heap() -> None:
+    """On the host the optimizer step's RSS may be anywhere from its own plan to the backward's (glibc
+    keeps freed heap); beyond that, and on a GPU (the allocator's bytes drop), it is a plan problem."""
+    mib = 1 << 20
+    planned = {"predicted_train_forward_bytes": 2000 * mib, "predicted_train_backward_bytes": 2100 * mib,
+               "predicted_train_optimizer_bytes": 1100 * mib}  # fmt: skip
+
+    def record(device: str, optimizer_mib: int) -> dict[str, Any]:
+        prefix = "peak_rss_" if device == "cpu" else "peak_device_allocated_"
+        measured = {"train_forward": 2000, "train_backward": 2100, "train_optimizer": optimizer_mib}
+        return (
+            planned
+            | {"device": device, "rss_before_load_bytes": 300 * mib if device == "cpu" else 0}
+            | {f"{prefix}{phase}_bytes": (v + (300 if device == "cpu" else 0)) * mib for phase, v in measured.items()}
+        )
+
+    assert plan_problems(record("cpu", 1100)) == [] and plan_problems(record("cpu", 1550)) == []
+    (problem,) = plan_problems(record("cpu", 3000))
+    assert problem.startswith("train optimizer: planned 1100-2100 MiB, measured 3000 MiB")
+    assert plan_problems(record("cuda:0", 1100)) == []
+    (problem,) = plan_problems(record("cuda:0", 1550))
+    assert problem.startswith("train optimizer: planned 1100 MiB, measured 1550 MiB")
