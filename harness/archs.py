@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.zoo_config import SEED, SPECIAL_IDS, VOCAB_SIZE
+from harness.zoo_config import SEED, SPECIAL_IDS, VOCAB_SIZE, tiny_llama_config
 
 CAUSAL_ARCHS: tuple[str, ...] = ("qwen2", "mistral", "phi3", "gpt_neox", "opt", "gemma")
 ENCODER_DECODER_ARCHS: tuple[str, ...] = ("t5", "bart")
@@ -124,20 +124,10 @@ def build_large_vocab_llama(
     """A small Llama with Llama 3's 128,256-token vocabulary: a small checkpoint (~66 MB fp32,
     untied) whose logits are tokens x 128k, for the memory of the chunked quality pass."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-        **SPECIAL_IDS,
-    )
+    config = tiny_llama_config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=2048)  # fmt: skip
     torch.manual_seed(SEED)
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype))
     return _save(model.eval(), Path(out), True, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from harness.records import METRICS
+from harness.records import METRICS, TRAIN_PHASES
 from harness.registry import PRECISIONS
 
 # Compat agreement with the reference. Each default is the quality loss that precision showed on
@@ -205,21 +205,22 @@ def plan_problems(record: dict[str, Any], tolerance: float = PLAN_TOLERANCE_FRAC
 
     problems = []
     host = record["device"] == "cpu"
-    for phase in ("forward", "backward", "optimizer"):
-        planned = record.get(f"predicted_train_{phase}_bytes")
-        measured = record.get(f"peak_rss_train_{phase}_bytes" if host else f"peak_device_allocated_train_{phase}_bytes")
+    for phase in TRAIN_PHASES:
+        name = phase.replace("_", " ")
+        planned = record.get(f"predicted_{phase}_bytes")
+        measured = record.get(f"peak_rss_{phase}_bytes" if host else f"peak_device_allocated_{phase}_bytes")
         if planned is None or measured is None:
-            problems.append(f"train {phase}: no plan or no measurement to compare")
+            problems.append(f"{name}: no plan or no measurement to compare")
             continue
         measured -= record["rss_before_load_bytes"] if host else 0
         spread = RUNTIME_SPREAD_BYTES if host else 0
-        retained = record.get("predicted_train_backward_bytes") if host and phase == "optimizer" else None
+        retained = record.get("predicted_train_backward_bytes") if host and phase == "train_optimizer" else None
         low, high = planned, max(planned, retained or planned)
         slack = max(tolerance * measured, spread)
         if not low - slack <= measured <= high + slack:
             shown = f"{planned / 2**20:.0f}" if low == high else f"{low / 2**20:.0f}-{high / 2**20:.0f}"
             problems.append(
-                f"train {phase}: planned {shown} MiB, measured {measured / 2**20:.0f} MiB "
+                f"{name}: planned {shown} MiB, measured {measured / 2**20:.0f} MiB "
                 f"({planned / measured - 1:+.0%}, beyond ±{tolerance:.0%} and ±{spread >> 20} MiB)"
             )
     return problems

@@ -167,23 +167,33 @@ def plan_table(
         config = read_config(model)
         per_device = {d: plans_for(config, precisions, capabilities.runs_bf16_well(d), options, d) for d in devices}
         for precision in precisions:
-            row: dict[str, Any] = {"model": model, "precision": precision}
-            for device in devices:
-                plan = per_device[device][precision]
-                needed = needed_bytes(asdict(plan), device)
-                if "weight_bytes" not in row:
-                    row.update(weight_bytes=plan.weight_bytes, kv_cache_bytes=plan.kv_cache_bytes,
-                               activation_bytes=plan.activation_bytes, load_transient_bytes=plan.load_transient_bytes,
-                               peak_bytes=plan.peak_bytes, needed_bytes=needed, host_peak_bytes=plan.host_peak_bytes,
-                               device_peak_bytes=plan.device_peak_bytes, notes=plan.notes)  # fmt: skip
-                available = available_bytes(device, capabilities, options.available_memory_bytes)
-                row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
-            for size in COMMON_SIZES_GIB:
-                row[f"fits_{size}GiB"] = row["needed_bytes"] <= (size * GIB) * (1 - MARGIN_FRAC)
-            if budget_bytes is not None:
-                row["fits_budget"] = row["needed_bytes"] <= budget_bytes
-            rows.append(row)
+            needed = {d: needed_bytes(asdict(per_device[d][precision]), d) for d in devices}
+            plan = per_device[devices[0]][precision]
+            row: dict[str, Any] = dict(
+                model=model, precision=precision, weight_bytes=plan.weight_bytes, kv_cache_bytes=plan.kv_cache_bytes,
+                activation_bytes=plan.activation_bytes, load_transient_bytes=plan.load_transient_bytes,
+                peak_bytes=plan.peak_bytes, needed_bytes=needed[devices[0]], host_peak_bytes=plan.host_peak_bytes,
+                device_peak_bytes=plan.device_peak_bytes, notes=plan.notes,
+            )  # fmt: skip
+            rows.append(row | fit_columns(needed, capabilities, options.available_memory_bytes, budget_bytes))
     return rows
+
+
+def fit_columns(
+    needed_by_device: dict[str, int], capabilities: Capabilities, override: int | None, budget_bytes: int | None
+) -> dict[str, bool | None]:
+    """A plan row's `fits_*` columns, less the margin: each present device (its free memory now; None where
+    unknown), then the common sizes and the budget against the first device's need."""
+    usable = 1 - MARGIN_FRAC
+    columns: dict[str, bool | None] = {}
+    for device, needed in needed_by_device.items():
+        available = available_bytes(device, capabilities, override)
+        columns[f"fits_{device}"] = None if available is None else needed <= available * usable
+    first = next(iter(needed_by_device.values()))
+    columns |= {f"fits_{size}GiB": first <= size * GIB * usable for size in COMMON_SIZES_GIB}
+    if budget_bytes is not None:
+        columns["fits_budget"] = first <= budget_bytes
+    return columns
 
 
 def training_fit(combo: Combo, plans: dict[str, Any], available: int | None) -> Fit:
@@ -251,18 +261,10 @@ def training_plan_table(
                     row["fits_budget"] = False
                 rows.append(row)
                 continue
+            needed = {d: needed_bytes(per_device[d][precision], d) for d in devices}
             row.update(method=first["method"], **{k: first[k] for k in TRAINING_PLAN_BYTES},
-                       needed_bytes=needed_bytes(first, devices[0]), notes=first["notes"])  # fmt: skip
-            for device in devices:
-                plan = per_device[device][precision]
-                available = available_bytes(device, capabilities, options.available_memory_bytes)
-                needed = needed_bytes(plan, device)
-                row[f"fits_{device}"] = None if available is None else needed <= available * (1 - MARGIN_FRAC)
-            for size in COMMON_SIZES_GIB:
-                row[f"fits_{size}GiB"] = row["needed_bytes"] <= size * GIB * (1 - MARGIN_FRAC)
-            if budget_bytes is not None:
-                row["fits_budget"] = row["needed_bytes"] <= budget_bytes
-            rows.append(row)
+                       needed_bytes=needed[devices[0]], notes=first["notes"])  # fmt: skip
+            rows.append(row | fit_columns(needed, capabilities, options.available_memory_bytes, budget_bytes))
     return rows
 
 

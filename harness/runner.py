@@ -25,7 +25,7 @@ from harness.models import (
     resolve_model,
     unsupported_model_reason,
 )
-from harness.records import NO_TOKENIZER_REASON, NVML_NO_PID_REASON, Record, training_fields
+from harness.records import NO_TOKENIZER_REASON, NVML_NO_PID_REASON, TRAIN_PHASES, Record, training_fields
 from harness.registry import (
     FRAMEWORKS,
     PRECISIONS,
@@ -372,7 +372,7 @@ class Runner:
         """(predicted training fields, note), like `_preflight` but from the training plan (harness.trainplan)."""
         from harness.preflight import available_bytes, training_fit
 
-        names = ("predicted_train_forward_bytes", "predicted_train_backward_bytes", "predicted_train_optimizer_bytes")
+        names = tuple(f"predicted_{phase}_bytes" for phase in TRAIN_PHASES)
         empty: dict[str, int | None] = dict.fromkeys(names)
         if combo.framework != REFERENCE_FRAMEWORK:
             return empty, (
