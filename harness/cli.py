@@ -13,143 +13,18 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.config import OPTIMIZERS, SCENARIOS, RunOptions, parse_bytes, parse_int_list
+from harness.config import RunOptions, add_run_options, add_selection_options, given_options, parse_bytes
 from harness.errors import UsageError
-from harness.registry import DEFAULT_FRAMEWORKS, DEFAULT_PRECISIONS, FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK
+from harness.registry import FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK
 
 DEFAULT_REPORTS_DIR = Path("reports")
-
-
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The matrix axes and run options shared by `harness run` (the pytest plugin mirrors them)."""
-    parser.add_argument("--models", help="comma list: zoo names, checkpoint dirs or hub ids (default: the zoo)")
-    parser.add_argument(
-        "--frameworks", help=f"comma list of {', '.join(FRAMEWORKS)} (default: {','.join(DEFAULT_FRAMEWORKS)})"
-    )
-    parser.add_argument(
-        "--precisions",
-        help=f"comma list of {', '.join(PRECISIONS)} (default: {','.join(DEFAULT_PRECISIONS)}; `harness precisions` lists them)",
-    )
-    parser.add_argument("--devices", help="comma list of cpu, cuda, cuda:N, xla (default: cpu + cuda if present)")
-
-
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-worker loads behind load_s (default 3)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per worker (default 600)")
-    parser.add_argument(
-        "--memory-limit",
-        help="per worker, e.g. 4G: a failed `oom` record once its resident memory (VmRSS) grows this much past its"
-        " baseline after imports; on CUDA also the allocator's cap",
-    )
-    parser.add_argument("--prompt-lengths", default="128", help="comma list (default 128)")
-    parser.add_argument("--batch-sizes", default="1", help="comma list (default 1)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
-    parser.add_argument(
-        "--time-budget", type=float, default=2.0, help="seconds per timed phase before repeats stop (default 2)"
-    )
-    parser.add_argument(
-        "--ci-target", type=float, default=0.05, help="stop repeating once the median's 95%% CI is within this share"
-    )
-    parser.add_argument(
-        "--no-cold", action="store_true", help="skip the cold-load worker (raw read + a load after a page-cache drop)"
-    )
-    parser.add_argument(
-        "--timing-repeats", type=int, default=3, help="at least this many timed repeats after warm-up (default 3)"
-    )
-    parser.add_argument("--eval-text", type=Path, help="UTF-8 text for quality (default: shipped text)")
-    parser.add_argument("--eval-tokens", type=int, default=2048, help="quality token budget (default 2048)")
-    parser.add_argument("--reference", help="precision quality is measured against (default fp32, else bf16)")
-    parser.add_argument("--no-throughput", action="store_true", help="skip prefill/decode/encode timing")
-    parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the reference")
-    parser.add_argument("--roundtrip", action="store_true", help="check a save/load round trip")
-    parser.add_argument("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
-    parser.add_argument(
-        "--reference-model", help="full-precision model that pre-quantized (as-saved) checkpoints are compared with"
-    )
-    parser.add_argument("--available-memory", help="device memory to plan against instead of what is free, e.g. 8GiB")
-    parser.add_argument("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) checkpoints")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
-    parser.add_argument(
-        "--scenario",
-        default="inference",
-        choices=SCENARIOS,
-        help="inference: load, speed, memory, quality (default); finetune: a LoRA/QLoRA training run per combination",
-    )
-    add_training_arguments(parser)
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The finetune scenario's settings (`harness run --scenario finetune` and `harness plan --finetune`)."""
-    group = parser.add_argument_group("fine-tuning (--scenario finetune)")
-    group.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
-    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 = full fine-tuning (default 8)")
-    group.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 x rank)")
-    group.add_argument(
-        "--train-steps",
-        type=int,
-        default=6,
-        help="optimizer steps on one fixed batch; the first is the warm-up (default 6)",
-    )
-    group.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    group.add_argument(
-        "--gradient-checkpointing",
-        choices=("on", "off"),
-        default="on",
-        help="recompute activations in backward (default on)",
-    )
-    group.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw (torch) or adamw8bit (bitsandbytes)"
-    )
-
-
-def training_options(args: argparse.Namespace) -> dict[str, object]:
-    """RunOptions keywords from add_training_arguments."""
-    return {
-        "seq_len": args.seq_len,
-        "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha,
-        "train_steps": args.train_steps,
-        "learning_rate": args.learning_rate,
-        "gradient_checkpointing": args.gradient_checkpointing == "on",
-        "optimizer": args.optimizer,
-    }
-
-
-def options_from_args(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        repeats=args.repeats,
-        timeout_s=args.timeout,
-        memory_limit_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None,
-        prompt_lengths=parse_int_list("prompt-lengths", args.prompt_lengths),
-        batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
-        new_tokens=args.new_tokens,
-        timing_repeats=args.timing_repeats,
-        time_budget_s=args.time_budget,
-        target_ci_rel=args.ci_target,
-        cold=not args.no_cold,
-        eval_text=args.eval_text,
-        eval_tokens=args.eval_tokens,
-        reference=args.reference,
-        throughput=not args.no_throughput,
-        quality=not args.no_quality,
-        roundtrip=args.roundtrip,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        tokenizer=args.tokenizer,
-        reference_model=args.reference_model,
-        available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
-        preflight=not args.no_preflight,
-        scenario=args.scenario,
-        **training_options(args),
-    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from harness.environment import collect_environment
-    from harness.matrix import Capabilities, Selection
+    from harness.matrix import Capabilities
     from harness.printers import summary_table
     from harness.records import Record
     from harness.runner import Plan, Runner
@@ -161,12 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from harness.shard import parse_shard, select_shard
 
         parse_shard(args.shard)  # a bad --shard is a usage error before anything is written
-    options = options_from_args(args)
     env = collect_environment()
-    selection = Selection.from_lists(
-        args.models, args.frameworks, args.precisions, args.devices, Capabilities.detect(env)
-    )
-    plan = Plan.create(selection, options)
+    plan = Plan.from_flags(vars(args).get, Capabilities.detect(env))
+    options = plan.options
     if args.resume is not None:
         writer = RunWriter.reopen(args.resume, env)
         records = [Record.from_dict(r) for r in read_records(writer.path)]
@@ -208,14 +80,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     capabilities = Capabilities.detect(collect_environment())
     selection = Selection.from_lists(args.models, REFERENCE_FRAMEWORK, args.precisions, args.devices, capabilities)
-    options = RunOptions(
-        prompt_lengths=parse_int_list("prompt-lengths", args.prompt_lengths),
-        batch_sizes=parse_int_list("batch-sizes", args.batch_sizes),
-        new_tokens=args.new_tokens,
-        available_memory_bytes=parse_bytes(args.available_memory) if args.available_memory else None,
-        scenario="finetune" if args.finetune else "inference",
-        **training_options(args),
-    )
+    given = given_options(vars(args).get, plan_only=True)
+    options = RunOptions(**given | {"scenario": "finetune" if args.finetune else "inference"})
     budget = parse_bytes(args.budget_bytes) if args.budget_bytes else None
     if args.finetune:
         from harness.preflight import training_plan_table
@@ -365,34 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the matrix, one isolated worker per combination")
-    add_selection_arguments(run)
-    add_option_arguments(run)
+    add_selection_options(run.add_argument)
     run.add_argument("--out", type=Path, default=DEFAULT_REPORTS_DIR, help="reports dir (default ./reports)")
-    run.add_argument("--run-id", help="name of the run dir (default: UTC timestamp)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    run.add_argument(
-        "--shard",
-        metavar="I/N",
-        help="run only shard I of N (the same split on every machine, balanced by predicted time:"
-        " checkpoint size, loads and generated tokens)",
-    )
+    add_run_options(run.add_argument_group("run options").add_argument)
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run: finished combos are kept")
     run.set_defaults(func=cmd_run)
 
     plan = commands.add_parser(
         "plan", help="predicted memory and fit per model x precision, before any download or load"
     )
-    add_selection_arguments(plan)
-    plan.add_argument("--available-memory", help="device memory to plan against instead of what is free, e.g. 16GiB")
+    add_selection_options(plan.add_argument, axes_only=True)
     plan.add_argument("--budget-bytes", help="also check a memory budget, e.g. 12G")
-    plan.add_argument("--prompt-lengths", default="128", help="comma list (default 128): the KV cache uses the largest")
-    plan.add_argument("--batch-sizes", default="1", help="comma list (default 1): the KV cache uses the largest")
-    plan.add_argument("--new-tokens", type=int, default=64, help="decode length (default 64)")
     plan.add_argument("--format", default="table", help="comma list of table, md, csv, json (default table)")
     plan.add_argument(
         "--finetune", action="store_true", help="plan one training step (LoRA/QLoRA, or full with --lora-rank 0)"
     )
-    add_training_arguments(plan)
+    add_run_options(plan.add_argument_group("run options that the plan reads").add_argument, plan_only=True)
     plan.set_defaults(func=cmd_plan)
 
     precisions = commands.add_parser("precisions", help="every precision the registry declares, and where it runs")

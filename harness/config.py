@@ -2,58 +2,114 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from harness.errors import UsageError
+from harness.registry import DEFAULT_FRAMEWORKS, DEFAULT_PRECISIONS, FRAMEWORKS, PRECISIONS
 
 SCENARIOS = ("inference", "finetune")
 OPTIMIZERS = ("adamw", "adamw8bit")
+FLAG = "flag"  # the field metadata key that makes a RunOptions field a command-line option
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one RunOptions field is given on a command line, for `harness run`, `harness plan` and the
+    pytest plugin alike. Its default is the field's default, stated nowhere else.
+
+    kind: value (typed as the field), ints (comma list), bytes (512M, 2GiB), set_true / set_false (a
+    switch), on_off (choices on and off)."""
+
+    flag: str
+    help: str
+    kind: str = "value"
+    choices: tuple[str, ...] = ()
+    plan: bool = False  # `harness plan` reads it too (sizes, memory, the fine-tuning settings)
+    pytest_flag: str | None = None  # under pytest, where the name is a common plugin's (pytest-timeout)
+
+
+def option(default: Any, flag: str, help: str, **how: Any) -> Any:
+    """A RunOptions field with its command-line flag: `field(default=..., metadata={FLAG: Flag(...)})`."""
+    return field(default=default, metadata={FLAG: Flag(flag, help, **how)})
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """How each combination is measured. Defaults keep the default matrix within minutes on 2 cores."""
 
-    repeats: int = 3  # fresh-worker loads behind load_s
-    timeout_s: float = 600.0  # per worker
-    memory_limit_bytes: int | None = None  # per worker: resident host memory beyond its baseline; CUDA allocator cap
-    preflight: bool = True  # skip combinations whose memory plan does not fit before any worker loads them
-    available_memory_bytes: int | None = None  # overrides the device's free memory in the pre-flight fit
-    tokenizer: str | None = None  # tokenizer dir or hub id for every model (--tokenizer)
-    model_tokenizers: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] tokenizer)
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    throughput: bool = True
-    quality: bool = True
-    roundtrip: bool = False  # save_pretrained -> from_pretrained and compare outputs
-    prompt_lengths: tuple[int, ...] = (128,)
-    batch_sizes: tuple[int, ...] = (1,)
-    new_tokens: int = 64
-    timing_repeats: int = (
-        3  # at least this many timed repeats for prefill/decode/encode (more until the CI target), after warm-up
+    repeats: int = option(3, "--repeats", "fresh-worker loads behind load_s")
+    timeout_s: float = option(600.0, "--timeout", "seconds per worker", pytest_flag="--worker-timeout")
+    memory_limit_bytes: int | None = option(
+        None, "--memory-limit", "per worker, e.g. 4G: a failed `oom` record once its resident memory (VmRSS) grows"
+        " this much past its baseline at start; on CUDA also the allocator's cap", kind="bytes",
+    )  # fmt: skip
+    preflight: bool = option(True, "--no-preflight", "run combinations the memory plan says do not fit",
+                             kind="set_false")  # fmt: skip
+    available_memory_bytes: int | None = option(
+        None,
+        "--available-memory",
+        "device memory to plan against instead of what is free, e.g. 8GiB",
+        kind="bytes",
+        plan=True,
     )
+    tokenizer: str | None = option(None, "--tokenizer", "tokenizer dir or hub id, for checkpoints that ship none")
+    model_tokenizers: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] tokenizer)
+    allow_pickle: bool = option(False, "--allow-pickle", "allow pickle (.bin) checkpoints", kind="set_true")
+    trust_remote_code: bool = option(
+        False, "--trust-remote-code", "allow a checkpoint's own Python code", kind="set_true"
+    )
+    throughput: bool = option(True, "--no-throughput", "skip prefill/decode/encode timing", kind="set_false")
+    quality: bool = option(True, "--no-quality", "skip the comparison with the reference", kind="set_false")
+    roundtrip: bool = option(False, "--roundtrip", "check a save/load round trip", kind="set_true")
+    prompt_lengths: tuple[int, ...] = option((128,), "--prompt-lengths", "comma list; the KV cache plan uses the largest",
+                                             kind="ints", plan=True)  # fmt: skip
+    batch_sizes: tuple[int, ...] = option(
+        (1,), "--batch-sizes", "comma list; the finetune scenario trains at the first", kind="ints", plan=True
+    )
+    new_tokens: int = option(64, "--new-tokens", "decode length", plan=True)
+    # at least this many timed repeats for prefill/decode/encode (more until the CI target), after warm-up
+    timing_repeats: int = option(3, "--timing-repeats", "at least this many timed repeats after warm-up")
     min_timing_s: float = 0.5  # repeats are extended until they add up to this much
     warmup: int = 1
-    time_budget_s: float = 2.0  # per timed phase (load repeats, prefill, decode, encode): stop repeating past it
-    target_ci_rel: float = 0.05  # stop repeating once the median's 95 % CI half-width is below this share
-    cold: bool = True  # one extra worker per combination: raw cold read + a load after dropping the page cache
-    eval_text: Path | None = None
-    eval_tokens: int = 2048
+    time_budget_s: float = option(2.0, "--time-budget", "seconds per timed phase before repeats stop")
+    target_ci_rel: float = option(
+        0.05, "--ci-target", "stop repeating once the median's 95%% CI half-width is within this share"
+    )
+    cold: bool = option(
+        True, "--no-cold", "skip the cold-load worker (raw read + a load after a page-cache drop)", kind="set_false"
+    )
+    eval_text: Path | None = option(None, "--eval-text", "UTF-8 text for quality (default: shipped text)")
+    eval_tokens: int = option(2048, "--eval-tokens", "quality token budget")
     greedy_prompts: int = 4
     greedy_tokens: int = 16
-    reference: str | None = None  # precision that quality is measured against
-    reference_model: str | None = None  # full-precision model a pre-quantized (as-saved) one is compared with
+    reference: str | None = option(
+        None, "--reference", "precision quality is measured against (default fp32, else bf16)"
+    )
+    reference_model: str | None = option(
+        None, "--reference-model", "full-precision model that pre-quantized (as-saved) checkpoints are compared with"
+    )
     model_references: tuple[tuple[str, str], ...] = ()  # per model (matrix file [models.NAME] reference_model)
     # --- the finetune scenario (harness.finetune): one LoRA/QLoRA training run per combination ---
-    scenario: str = "inference"  # inference | finetune
-    seq_len: int = 256  # tokens per training sequence (batch size: the first of batch_sizes)
-    lora_rank: int = 8  # 0: full fine-tuning (float precisions only), the reference row
-    lora_alpha: int | None = None  # default 2 x rank
-    train_steps: int = 6  # optimizer steps on one fixed batch; the first is the warm-up, untimed
-    learning_rate: float = 1e-3
-    gradient_checkpointing: bool = True
-    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes' 8-bit states)
+    scenario: str = option(
+        "inference", "--scenario", "inference: load, speed, memory, quality; finetune: a LoRA/QLoRA training run per"
+        " combination (under pytest: only the fine-tuning suite, like -m finetune)", choices=SCENARIOS,
+    )  # fmt: skip
+    seq_len: int = option(256, "--seq-len", "tokens per training sequence", plan=True)
+    lora_rank: int = option(8, "--lora-rank", "LoRA rank; 0 = full fine-tuning", plan=True)
+    lora_alpha: int | None = option(None, "--lora-alpha", "LoRA alpha (default 2 x rank)", plan=True)
+    train_steps: int = option(6, "--train-steps", "optimizer steps on one fixed batch; the first is the warm-up",
+                              plan=True)  # fmt: skip
+    learning_rate: float = option(1e-3, "--learning-rate", "AdamW learning rate", plan=True)
+    gradient_checkpointing: bool = option(
+        True, "--gradient-checkpointing", "recompute activations in backward", kind="on_off", plan=True
+    )
+    optimizer: str = option(
+        "adamw", "--optimizer", "adamw (torch) or adamw8bit (bitsandbytes' 8-bit states)", choices=OPTIMIZERS,
+        plan=True,
+    )  # fmt: skip
 
     def tokenizer_for(self, model: str) -> str | None:
         """The tokenizer given for `model` (matrix file per model, else --tokenizer), or None."""
@@ -111,11 +167,101 @@ class RunOptions:
             raise UsageError(f"unknown --optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise UsageError(f"--eval-text {self.eval_text}: no such file; give a UTF-8 text file")
-        if self.reference is not None:
-            from harness.registry import PRECISIONS
+        if self.reference is not None and self.reference not in PRECISIONS:
+            raise UsageError(f"unknown --reference '{self.reference}': use one of {', '.join(PRECISIONS)}")
 
-            if self.reference not in PRECISIONS:
-                raise UsageError(f"unknown --reference '{self.reference}': use one of {', '.join(PRECISIONS)}")
+
+def option_fields(plan_only: bool = False) -> Iterator[tuple[str, Any, Flag]]:
+    """(field name, default, Flag) of every RunOptions field given on a command line."""
+    for f in fields(RunOptions):
+        flag = f.metadata.get(FLAG)
+        if flag is not None and (flag.plan or not plan_only):
+            yield f.name, f.default, flag
+
+
+def _default_note(default: Any, flag: Flag) -> str:
+    if flag.kind in ("set_true", "set_false") or default is None or "(default" in flag.help:
+        return ""
+    if flag.kind == "on_off":
+        return " (default on)" if default else " (default off)"
+    shown = (
+        ",".join(map(str, default))
+        if isinstance(default, tuple)
+        else f"{default:g}"
+        if isinstance(default, float)
+        else default
+    )
+    return f" (default {shown})"
+
+
+def add_run_options(add_option: Callable[..., Any], plan_only: bool = False, pytest: bool = False) -> None:
+    """Declare RunOptions' flags through `add_option`: argparse's add_argument or pytest's addoption.
+    Every flag defaults to None ("not given"), so the field's own default, a matrix file or pytest's
+    suite settings apply underneath (see given_options)."""
+    types = {"int": int, "float": float, "str": str, "Path": Path}
+    annotations = {f.name: str(f.type).removesuffix(" | None") for f in fields(RunOptions)}
+    for name, default, flag in option_fields(plan_only):
+        how: dict[str, Any] = {"dest": name, "default": None, "help": flag.help + _default_note(default, flag)}
+        if flag.kind in ("set_true", "set_false"):
+            how |= {"action": "store_const", "const": flag.kind == "set_true"}
+        elif flag.kind == "on_off":
+            how["choices"] = ("on", "off")
+        elif not flag.choices:
+            how["metavar"] = flag.flag.removeprefix("--").upper().replace("-", "_")
+        if flag.kind == "value":
+            how["type"] = types[annotations[name]]
+            if flag.choices:
+                how["choices"] = flag.choices
+        add_option((flag.pytest_flag or flag.flag) if pytest else flag.flag, **how)
+
+
+def given_options(value_of: Callable[[str], Any], plan_only: bool = False) -> dict[str, Any]:
+    """RunOptions keywords for the flags given on a command line; `value_of(dest)` reads one (None: not
+    given), e.g. `vars(args).get` or pytest's `config.getoption`."""
+    given: dict[str, Any] = {}
+    for name, _, flag in option_fields(plan_only):
+        value = value_of(name)
+        if value is None:
+            continue
+        if flag.kind == "ints":
+            value = parse_int_list(flag.flag.removeprefix("--"), value)
+        elif flag.kind == "bytes":
+            value = parse_bytes(value)
+        elif flag.kind == "on_off":
+            value = value == "on"
+        given[name] = value
+    return given
+
+
+# The matrix axes and where a run goes, shared by `harness run` and the pytest plugin (flag, help).
+SELECTION_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--models", "comma list: zoo names, checkpoint dirs or hub ids (default: the zoo)"),
+    ("--frameworks", "comma list of {frameworks} (default: {default_frameworks})"),
+    ("--precisions", "comma list of {precisions} (default: {default_precisions}; `harness precisions` lists them)"),
+    ("--devices", "comma list of cpu, cuda, cuda:N, xla (default: cpu + cuda if present)"),
+)
+MATRIX_FLAG = ("--matrix", "TOML matrix file: axes, [options], per-model axes (and budgets and tolerances that the"
+               " suites check); flags given here override it")  # fmt: skip
+SHARD_FLAG = ("--shard", "run only shard I of N of the matrix (the same split on every machine, balanced by predicted"
+              " time: checkpoint size, loads and generated tokens)")  # fmt: skip
+RUN_ID_FLAG = ("--run-id", "name of this run's dir (default: UTC timestamp)")
+
+
+def add_selection_options(add_option: Callable[..., Any], axes_only: bool = False) -> None:
+    """--models, --frameworks, --precisions, --devices; then --matrix, --shard and --run-id."""
+    names = {
+        "frameworks": ", ".join(FRAMEWORKS),
+        "default_frameworks": ",".join(DEFAULT_FRAMEWORKS),
+        "precisions": ", ".join(PRECISIONS),
+        "default_precisions": ",".join(DEFAULT_PRECISIONS),
+    }
+    for flag, text in SELECTION_FLAGS:
+        add_option(flag, help=text.format(**names))
+    if axes_only:
+        return
+    add_option(MATRIX_FLAG[0], type=Path, help=MATRIX_FLAG[1])
+    add_option(SHARD_FLAG[0], metavar="I/N", help=SHARD_FLAG[1])
+    add_option(RUN_ID_FLAG[0], help=RUN_ID_FLAG[1])
 
 
 def parse_int_list(name: str, value: str) -> tuple[int, ...]:

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from harness.config import RunOptions, parse_bytes
 from harness.environment import Environment, collect_environment
-from harness.matrix import Capabilities, Combo, Selection, combo_id
-from harness.matrixfile import MatrixFile, load_matrix_file
+from harness.matrix import Capabilities, Combo, combo_id
+from harness.matrixfile import MatrixFile
 from harness.records import METRICS, Record
 from harness.runner import Plan, Runner, reference_first
 from harness.storage import RunWriter
@@ -69,44 +68,15 @@ class HarnessSession:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> HarnessSession:
-        matrix_path = config.getoption("--matrix")
-        matrix_file = load_matrix_file(matrix_path) if matrix_path else None
-        axes = matrix_file.axes if matrix_file else {}
-
-        def axis(name: str) -> str | None:
-            value = config.getoption(f"--{name}")
-            return value if value else (",".join(axes[name]) if name in axes else None)
-
+        """The session from pytest's options: the suites' settings, under a --matrix file, under the flags."""
         env = collect_environment()
         capabilities = Capabilities.detect(env)
-        selection = Selection.from_lists(
-            axis("models"), axis("frameworks"), axis("precisions"), axis("devices"), capabilities
-        )
         benchmark = bool(config.getoption("--benchmark"))
-        settings: dict[str, Any] = {"repeats": 1, "roundtrip": True, "throughput": benchmark, "cold": benchmark}
-        settings |= matrix_file.options if matrix_file else {}
-        if config.getoption("--tokenizer"):
-            settings["tokenizer"] = config.getoption("--tokenizer")
-        if config.getoption("--reference-model"):
-            settings["reference_model"] = config.getoption("--reference-model")
-        if config.getoption("--available-memory"):
-            settings["available_memory_bytes"] = parse_bytes(config.getoption("--available-memory"))
-        if config.getoption("--no-preflight"):
-            settings["preflight"] = False
-        if config.getoption("--time-budget"):
-            settings["time_budget_s"] = config.getoption("--time-budget")
-        if config.getoption("--no-cold"):
-            settings["cold"] = False
-        options = RunOptions(**settings)
-        plan = Plan.create(selection, options)
-        combos = [
-            c
-            for c in reference_first(plan.combos(), options, capabilities)
-            if matrix_file is None
-            or all(matrix_file.allows(c.model, a, getattr(c, a[:-1])) for a in ("frameworks", "precisions", "devices"))
-        ]
+        settings = {"repeats": 1, "roundtrip": True, "throughput": benchmark, "cold": benchmark}
+        plan = Plan.from_flags(config.getoption, capabilities, settings)
+        combos = reference_first(plan.combos(), plan.options, capabilities)
         reports_dir = config.getoption("--reports-dir") or Path(config.rootpath) / "reports"
-        return cls(plan, combos, matrix_file, reports_dir, config.getoption("--run-id"), env)
+        return cls(plan, combos, plan.matrix_file, reports_dir, config.getoption("--run-id"), env)
 
     def marker_names(self) -> set[str]:
         return {name for combo in self.combos for name in axis_markers(combo)}
@@ -117,7 +87,7 @@ class HarnessSession:
         if scenario not in self._runners:
             if self._writer is None:
                 self._writer = RunWriter(self.reports_dir, self.env, self.run_id)
-            plan = Plan(self.plan.selection, replace(self.plan.options, scenario=scenario), self.plan.models)
+            plan = replace(self.plan, options=replace(self.plan.options, scenario=scenario))
             self._runners[scenario] = Runner(plan, self._writer, self.env)
         return self._runners[scenario]
 

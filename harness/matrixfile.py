@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 from harness.checks import BUDGET_CHECKS
 from harness.config import RunOptions
 from harness.errors import UsageError
+from harness.matrix import Combo
 from harness.registry import PRECISIONS
 
 AXES = ("models", "frameworks", "precisions", "devices")
@@ -69,10 +71,16 @@ class MatrixFile:
     def tolerances_for(self, model: str) -> dict[str, float]:
         return self.tolerances | self.per_model.get(model, {}).get("tolerances", {})
 
-    def allows(self, model: str, axis: str, value: str) -> bool:
+    def admits(self, combo: Combo) -> bool:
         """Per-model axis overrides narrow the matrix for that model."""
-        chosen = self.per_model.get(model, {}).get(axis)
-        return chosen is None or value in chosen
+        chosen = self.per_model.get(combo.model, {})
+        return all(getattr(combo, axis[:-1]) in chosen.get(axis, (getattr(combo, axis[:-1]),)) for axis in AXES[1:])
+
+
+def matrix_axes(value_of: Callable[[str], str | None], matrix_file: MatrixFile | None) -> tuple[str | None, ...]:
+    """models, frameworks, precisions, devices: each as given on the command line, else the matrix file's."""
+    axes = matrix_file.axes if matrix_file else {}
+    return tuple(value_of(a) or (",".join(axes[a]) if a in axes else None) for a in AXES)
 
 
 def _fail(path: Path, message: str) -> UsageError:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.config import add_run_options, add_selection_options
 from harness.errors import UsageError
 from harness.fixtures import (  # noqa: F401 - the fixtures are registered by being here
     SESSION_KEY,
@@ -23,7 +24,6 @@ from harness.fixtures import (  # noqa: F401 - the fixtures are registered by be
     harness_record,
     harness_session,
 )
-from harness.registry import FRAMEWORKS, PRECISIONS
 
 BENCHMARK_MARK = "harness_benchmark"
 FINETUNE_MARK = "finetune"  # the finetune scenario's suite (suites/test_finetune.py)
@@ -31,35 +31,16 @@ REPLAY_FIXTURES = ("combo_benchmark", "finetune_benchmark")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("harness", "harness: model load/speed/quality matrix")
+    group = parser.getgroup(
+        "harness",
+        "harness: model load/speed/quality matrix. The run options are `harness run`'s (one declaration,"
+        " harness.config); the suites run --repeats 1 with --roundtrip, and time prefill/decode and the cold"
+        " load only with --benchmark",
+    )
     group.addoption("--benchmark", action="store_true", help="run the measurement suites, not only compat")
-    group.addoption("--models", help="comma list: zoo names, checkpoint dirs or hub ids")
-    group.addoption("--frameworks", help=f"comma list: {', '.join(FRAMEWORKS)}")
-    group.addoption("--precisions", help=f"comma list: {','.join(PRECISIONS)}")
-    group.addoption("--devices", help="comma list: cpu, cuda, cuda:N, xla")
-    group.addoption("--matrix", type=Path, help="TOML matrix file (axes, options, budgets, tolerances)")
-    group.addoption("--tokenizer", help="tokenizer dir or hub id, for checkpoints that ship none")
-    group.addoption(
-        "--reference-model", help="full-precision model that pre-quantized (as-saved) checkpoints are compared with"
-    )
-    group.addoption("--available-memory", help="device memory the pre-flight plans against, e.g. 8GiB")
-    group.addoption("--no-preflight", action="store_true", help="run combinations the memory plan says do not fit")
-    group.addoption("--time-budget", type=float, help="seconds per timed phase before repeats stop (default 2)")
-    group.addoption("--no-cold", action="store_true", help="with --benchmark: skip the cold-load worker")
+    add_selection_options(group.addoption)
     group.addoption("--reports-dir", type=Path, help="where run dirs go (default: <rootdir>/reports)")
-    group.addoption("--run-id", help="name of this run's dir (default: UTC timestamp)")
-    group.addoption(
-        "--shard",
-        metavar="I/N",
-        help="run only shard I of N of the matrix (the same split on every machine, balanced by predicted time:"
-        " checkpoint size, loads and generated tokens)",
-    )
-    group.addoption(
-        "--scenario",
-        choices=("inference", "finetune"),
-        help="finetune: run only the fine-tuning suite (like -m finetune); its settings come from the matrix "
-        "file's [options] (seq_len, lora_rank, train_steps, ...)",
-    )
+    add_run_options(group.addoption, pytest=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunOptions
+from harness.config import RunOptions, given_options
 from harness.environment import Environment, collect_environment
 from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
+from harness.matrixfile import MatrixFile, load_matrix_file, matrix_axes
 from harness.models import (
     ModelSource,
     materialize,
@@ -74,19 +75,34 @@ class Plan:
     selection: Selection
     options: RunOptions
     models: dict[str, ModelSource]
+    matrix_file: MatrixFile | None = None  # its per-model axes narrow the combinations
 
     @classmethod
-    def create(cls, selection: Selection, options: RunOptions) -> Plan:
+    def create(cls, selection: Selection, options: RunOptions, matrix_file: MatrixFile | None = None) -> Plan:
         names = list(selection.models)
         names += [r for r in (options.reference_model_for(m) for m in selection.models) if r and r not in names]
         models = {
             name: resolve_model(name, options.allow_pickle, options.trust_remote_code, options.tokenizer_for(name))
             for name in names
         }
-        return cls(selection, options, models)
+        return cls(selection, options, models, matrix_file)
+
+    @classmethod
+    def from_flags(
+        cls, value_of: Callable[[str], Any], capabilities: Capabilities, settings: dict[str, Any] | None = None
+    ) -> Plan:
+        """The plan a command line asks for (`harness run` and the pytest plugin alike): `settings` (the
+        suites' own), under the --matrix file's [options], under the flags given; the axes as given, else
+        the matrix file's. `value_of(dest)` reads one flag (None: not given)."""
+        path = value_of("matrix")
+        matrix_file = load_matrix_file(Path(path)) if path else None
+        layers = (settings or {}) | (matrix_file.options if matrix_file else {}) | given_options(value_of)
+        selection = Selection.from_lists(*matrix_axes(value_of, matrix_file), capabilities)
+        return cls.create(selection, RunOptions(**layers), matrix_file)
 
     def combos(self) -> list[Combo]:
-        return self.selection.combos()
+        """The selection's combinations that the matrix file (if any) admits."""
+        return [c for c in self.selection.combos() if self.matrix_file is None or self.matrix_file.admits(c)]
 
 
 def reference_precision(combo: Combo, options: RunOptions, capabilities: Capabilities) -> str | None:
