@@ -13,8 +13,7 @@ import numpy as np
 from harness.backends.base import Backend
 from harness.records import TRAIN_PHASES
 from harness.trackers import PhaseMeter, PhaseResult, Timer, proc_status
-
-FIRST_FORWARD_TOKENS = 16
+from harness.workload import FIRST_FORWARD_TOKENS
 
 
 def release_load_leftovers(backend: Any) -> None:
@@ -241,24 +240,41 @@ def roofline_fields(fields: dict[str, Any], bandwidth_bytes_s: float | None) -> 
 def measure_after_load(
     backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any], no_quality_reason: str | None = None
 ) -> dict[str, Any]:
-    """Throughput, roofline and quality for a loaded model (job: harness.worker.WorkerJob).
+    """Throughput, roofline, quality and the round trip for a loaded model (job: harness.worker.WorkerJob).
 
     `no_quality_reason`: why quality cannot be measured (e.g. the model has no tokenizer).
     """
-    from harness.quality import CAUSAL_FIELDS, ENCODER_FIELDS, measure_quality
+    fields: dict[str, Any] = {"model_kind": backend.spec.kind}
+    reasons: dict[str, str] = {}
+    phases: list[PhaseResult] = list(loaded.get("_phases", []))
+    _throughput(backend, job, eval_ids, loaded, phases, fields, reasons)
+    _quality(backend, job, eval_ids, loaded, no_quality_reason, phases, fields, reasons)
+    _roundtrip(backend, job.options.roundtrip, eval_ids, fields, reasons)
+    fields.update(phase_fields(phases, backend.spec.device, reasons))
+    fields["budget_limited"] = list(fields.get("budget_limited", []))
+    fields["device_process_end_bytes"] = backend.device_memory().get("device_process_bytes")
+    if fields["device_process_end_bytes"] is None:
+        reasons["device_process_end_bytes"] = (
+            "cpu: the host is the device; see the host memory fields" if backend.spec.device == "cpu" else
+            "NVML lists no process with this worker's pid, or NVML is unavailable"
+        )  # fmt: skip
+    fields["na_reasons"] = reasons
+    return fields
+
+
+def _throughput(backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any],
+                phases: list[PhaseResult], fields: dict[str, Any], reasons: dict[str, str]) -> None:  # fmt: skip
+    """Prefill/decode (causal LMs) or encode (encoders) rates with their CIs, and the decode roofline."""
     from harness.records import na
     from harness.throughput import measure_throughput
 
     options, kind = job.options, backend.spec.kind
-    fields: dict[str, Any] = {"model_kind": kind}
-    reasons: dict[str, str] = {}
     decode_fields = ("decode_tok_s", "decode_tok_s_iqr", "generate_tok_s", "ttft_s", "token_latency_p50_s",
                      "token_latency_p90_s", "prefill_tok_s", "prefill_tok_s_iqr", "decode_roofline_frac", "new_tokens", "prefill_logits")  # fmt: skip
     if kind == "causal-lm":
         na(fields, reasons, "encoder metric; this model is a causal LM", "encode_samples_s", "encode_samples_s_iqr")
     else:
         na(fields, reasons, "encoders do not generate: no prefill/decode", *decode_fields)
-    phases: list[PhaseResult] = list(loaded.get("_phases", []))
     if options.throughput:
         fields.update(measure_throughput(backend, kind, eval_ids, options, phases))
         if kind == "causal-lm":
@@ -274,62 +290,56 @@ def measure_after_load(
     fields.update(roofline_fields(loaded | fields, job.memory_bandwidth_bytes_s))
     if kind != "causal-lm":
         na(fields, reasons, "encoders do not generate: no decode roofline", "decode_roofline_frac")
+
+
+def _quality(backend: Backend, job: Any, eval_ids: np.ndarray, loaded: dict[str, Any], no_quality_reason: str | None,
+             phases: list[PhaseResult], fields: dict[str, Any], reasons: dict[str, str]) -> None:  # fmt: skip
+    """The comparison with the reference (or writing it, for the reference itself), in its own phase."""
+    from harness.quality import CAUSAL_FIELDS, ENCODER_FIELDS, measure_quality
+    from harness.records import na
+
+    options, kind = job.options, backend.spec.kind
     quality_phase = ("peak_rss_quality_bytes", "peak_rss_anon_quality_bytes", "peak_device_allocated_quality_bytes")
+    every_field = (*CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "eval_tokens_requested", "reference_precision",
+                   *quality_phase)  # fmt: skip
     if not options.quality or no_quality_reason:
-        reason = no_quality_reason or "quality disabled (--no-quality)"
-        na(
-            fields,
-            reasons,
-            reason,
-            *CAUSAL_FIELDS,
-            *ENCODER_FIELDS,
-            "eval_tokens",
-            "eval_tokens_requested",
-            "reference_precision",
-            *quality_phase,
-        )
+        na(fields, reasons, no_quality_reason or "quality disabled (--no-quality)", *every_field)
+        return
+    if kind == "causal-lm":
+        na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
     else:
-        if kind == "causal-lm":
-            na(fields, reasons, "embedding metric; this model is a causal LM", *ENCODER_FIELDS)
-        else:
-            na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens",
-               "eval_tokens_requested")  # fmt: skip
-        if job.reference_path is None and job.write_reference_path is None:
-            note = job.reference_note or "no reference output for this model and device"
-            na(fields, reasons, note, *CAUSAL_FIELDS, *ENCODER_FIELDS, "eval_tokens", "eval_tokens_requested",
-               "reference_precision", *quality_phase)  # fmt: skip
-        else:
-            forward_tok_s = fields.get("prefill_tok_s") or FIRST_FORWARD_TOKENS / max(loaded["first_forward_s"], 1e-9)
-            with PhaseMeter("quality", backend) as meter:
-                quality = measure_quality(backend, kind, eval_ids, options, job.reference_path,
-                                          job.write_reference_path, job.model.tokenizer, forward_tok_s)  # fmt: skip
-            phases.append(meter.result)
-            fields.update(quality)
-            for name in quality:
-                reasons.pop(name, None)
+        na(fields, reasons, "token-level metric; this model is an encoder", *CAUSAL_FIELDS, "eval_tokens",
+           "eval_tokens_requested")  # fmt: skip
+    if job.reference_path is None and job.write_reference_path is None:
+        na(fields, reasons, job.reference_note or "no reference output for this model and device", *every_field)
+        return
+    forward_tok_s = fields.get("prefill_tok_s") or FIRST_FORWARD_TOKENS / max(loaded["first_forward_s"], 1e-9)
+    with PhaseMeter("quality", backend) as meter:
+        quality = measure_quality(backend, kind, eval_ids, options, job.reference_path, job.write_reference_path,
+                                  job.model.tokenizer, forward_tok_s)  # fmt: skip
+    phases.append(meter.result)
+    fields.update(quality)
+    for name in quality:
+        reasons.pop(name, None)
+
+
+def _roundtrip(backend: Backend, requested: bool, eval_ids: np.ndarray, fields: dict[str, Any],
+               reasons: dict[str, str]) -> None:  # fmt: skip
+    """save -> load -> compare outputs (--roundtrip), with its parts where the backend times them."""
+    from harness.records import na
+
     roundtrip_fields = ("roundtrip_max_abs_diff", *ROUNDTRIP_PARTS)
-    if options.roundtrip:
-        batch = first_input(kind, eval_ids)
-        try:
-            fields["roundtrip_max_abs_diff"] = backend.roundtrip_max_abs_diff(
-                batch["input_ids"], batch["attention_mask"]
-            )
-            parts = getattr(backend, "roundtrip_parts", {})
-            for name in ROUNDTRIP_PARTS:
-                fields[name] = parts.get(name)
-                if fields[name] is None:
-                    reasons[name] = f"the {backend.framework} backend measures only the whole round trip"
-        except NotImplementedError as exc:
-            na(fields, reasons, f"not serializable: {exc}", *roundtrip_fields)
-    else:
+    if not requested:
         na(fields, reasons, "round trip not requested (--roundtrip)", *roundtrip_fields)
-    fields.update(phase_fields(phases, backend.spec.device, reasons))
-    fields["budget_limited"] = list(fields.get("budget_limited", []))
-    fields["device_process_end_bytes"] = backend.device_memory().get("device_process_bytes")
-    if fields["device_process_end_bytes"] is None:
-        reasons["device_process_end_bytes"] = (
-            "cpu: the host is the device; see the host memory fields" if backend.spec.device == "cpu" else
-            "NVML lists no process with this worker's pid, or NVML is unavailable"
-        )  # fmt: skip
-    fields["na_reasons"] = reasons
-    return fields
+        return
+    batch = first_input(backend.spec.kind, eval_ids)
+    try:
+        fields["roundtrip_max_abs_diff"] = backend.roundtrip_max_abs_diff(batch["input_ids"], batch["attention_mask"])
+    except NotImplementedError as exc:
+        na(fields, reasons, f"not serializable: {exc}", *roundtrip_fields)
+        return
+    parts = getattr(backend, "roundtrip_parts", {})
+    for name in ROUNDTRIP_PARTS:
+        fields[name] = parts.get(name)
+        if fields[name] is None:
+            reasons[name] = f"the {backend.framework} backend measures only the whole round trip"

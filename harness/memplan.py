@@ -26,6 +26,13 @@ from harness.errors import UsageError
 from harness.models import model_kind_from_config
 from harness.registry import PRECISIONS, Precision
 from harness.units import GIB, MIB
+from harness.workload import (
+    COMPARE_BLOCK_TOKENS,
+    ENCODER_BATCH,
+    ENCODER_MAX_TOKENS,
+    ENCODER_SENTENCES,
+    FIRST_FORWARD_TOKENS,
+)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int64": 8}
 # Each quantizer family's storage rule is its module's `planned_bytes` (harness/quantizers/<family>.py),
@@ -438,7 +445,6 @@ def quality_bytes(hf_config: Any, config: dict, logits_tokens: int) -> int:
 
     Causal LMs: a chunk's fp32 logits and the reference's fp32 rows of it, and the float64 blocks
     of the comparison. Encoders: one batch of fp32 hidden states (harness.quality's sentences)."""
-    from harness.quality import COMPARE_BLOCK_TOKENS, ENCODER_BATCH, ENCODER_MAX_TOKENS
 
     if not logits_tokens:
         return 0
@@ -532,8 +538,6 @@ def _untied_input_embedding_bytes(model: Any) -> int:
 
 def _tokens_fed(causal: bool, batch_size: int, prompt_tokens: int, new_tokens: int, eval_tokens: int) -> dict[str, int]:
     """Tokens the worker has fed by the end of each phase (first forward, throughput, quality)."""
-    from harness.measure import FIRST_FORWARD_TOKENS
-    from harness.quality import ENCODER_MAX_TOKENS, ENCODER_SENTENCES
 
     throughput = batch_size * (prompt_tokens + (new_tokens if causal else 0))
     quality = eval_tokens if causal else ENCODER_SENTENCES * ENCODER_MAX_TOKENS

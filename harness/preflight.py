@@ -14,6 +14,7 @@ from harness.matrix import Capabilities, Combo
 from harness.nvml import nvml_session
 from harness.registry import DEFAULT_PRECISIONS
 from harness.units import GIB, human_bytes
+from harness.workload import CHUNK_TOKENS
 
 MARGIN_FRAC = 0.05  # of the available memory, kept free for allocator slack and the rest of the machine
 # Device memory the runtime holds before the model: a CUDA context takes ~0.5 GiB. On the host the
@@ -38,7 +39,6 @@ def plans_for(
     """MemoryPlan per precision for one model and device, for the phases `options` run (no quality
     chunk with --no-quality, no prefill/decode with --no-throughput)."""
     from harness.memplan import plan_memories
-    from harness.quality import CHUNK_TOKENS
 
     names = tuple(dict.fromkeys(precisions))
     found = plan_memories(

@@ -17,6 +17,7 @@ from harness.backends.base import Backend
 from harness.config import RunOptions
 from harness.corpus import eval_text
 from harness.records import NO_TOKENIZER_REASON
+from harness.workload import CHUNK_TOKENS, COMPARE_BLOCK_TOKENS, ENCODER_BATCH, ENCODER_MAX_TOKENS, ENCODER_SENTENCES
 
 EVAL_TOKENS_FLOOR = 512  # never fewer: 16 bootstrap blocks of 32 tokens, so the KL CI stays meaningful
 QUALITY_BUDGET_FACTOR = 15  # the reference's quality forwards may take this many phase budgets (--time-budget)
@@ -24,13 +25,8 @@ QUALITY_BUDGET_FACTOR = 15  # the reference's quality forwards may take this man
 # budget (a precision that much slower than the reference, e.g. fp16 on a CPU without native fp16):
 # then it compares fewer, and its record (eval_tokens < reference_eval_tokens) and the report say so.
 QUALITY_OVERRUN_FACTOR = 4
-CHUNK_TOKENS = 256  # tokens per forward of the quality pass: its logits are CHUNK_TOKENS x vocab x 4 bytes
-COMPARE_BLOCK_TOKENS = 32  # rows per float64 block of the comparison
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_BLOCK = 32  # tokens per resampled block: neighbouring tokens are correlated
-ENCODER_SENTENCES = 32
-ENCODER_MAX_TOKENS = 64
-ENCODER_BATCH = 8
 SEED = 0
 CAUSAL_FIELDS = (
     "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", "kl_p99", "top1_agree", "ppl", "ppl_delta_frac",

@@ -19,53 +19,13 @@ from harness.errors import one_line
 from harness.launcher import Launcher, WorkerResult, measure_import_s
 from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
 from harness.matrixfile import MatrixFile, load_matrix_file, matrix_axes
-from harness.models import (
-    ModelSource,
-    materialize,
-    precision_model_reason,
-    resolve_model,
-    unsupported_model_reason,
-)
-from harness.records import NO_TOKENIZER_REASON, NVML_NO_PID_REASON, TRAIN_PHASES, Record, training_fields
-from harness.registry import (
-    FRAMEWORKS,
-    PRECISIONS,
-    REFERENCE_FRAMEWORK,
-    REFERENCE_ORDER,
-    load_object,
-    quantizer_preload,
-    training_skip_reason,
-)
+from harness.models import ModelSource, materialize, resolve_model
+from harness.reasons import explain_nulls, skip_reason
+from harness.records import TRAIN_PHASES, Record
+from harness.registry import FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK, REFERENCE_ORDER, quantizer_preload
 from harness.repeats import MIN_SAMPLES, RepeatPolicy, ci_rel_or_none, load_residency_fields, median_iqr, stop_reason
 from harness.storage import RunWriter
 from harness.worker import COLD_FIELDS, WorkerJob
-
-TRAINING_SCENARIO_NOTE = "not measured by the inference scenario: --scenario finetune trains"
-INFERENCE_SCENARIO_NOTE = "not measured by the finetune scenario: --scenario inference measures it"
-
-
-def explain_scenario_nulls(record: Record) -> None:
-    """Give every null field the other scenario measures its reason (each record is one scenario's)."""
-    if record.status != "ok":
-        return
-    training = set(training_fields())
-    for name in Record.field_names():
-        if getattr(record, name) is not None or name in record.na_reasons:
-            continue
-        if record.scenario == "finetune" and name not in training:
-            record.na_reasons[name] = INFERENCE_SCENARIO_NOTE
-        elif record.scenario == "inference" and name in training:
-            record.na_reasons[name] = TRAINING_SCENARIO_NOTE
-
-
-NOT_APPLICABLE = {
-    "quantizer_import_s": "this precision imports no quantizer library beyond the framework",
-    "device_init_s": "no CUDA context: the device is not a CUDA GPU",
-    "quant_state_device": "not quantized: no quantization state",
-    "convert_s": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
-    "convert_recorded_s": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
-    "gguf_reused": "no conversion: only llama.cpp converts the checkpoint (to GGUF)",
-}
 
 
 @dataclass
@@ -136,6 +96,38 @@ def reference_first(combos: Iterable[Combo], options: RunOptions, capabilities: 
 def _outcome(combo: Combo, status: str, **fields: Any) -> Record:
     family = PRECISIONS[combo.precision].family
     return Record(combo.model, combo.framework, combo.precision, combo.device, status, family=family, **fields)
+
+
+def _add_predicted(record: Record, predicted: dict[str, int | None], plan_note: str) -> None:
+    """The plan's predicted fields; a missing one gets the plan's note as its reason."""
+    for name, value in predicted.items():
+        setattr(record, name, value)
+        if value is None:
+            record.na_reasons[name] = plan_note
+
+
+def _load_fields(main: WorkerResult, extra: list[WorkerResult], reasons: dict[str, str]) -> dict[str, Any]:
+    """load_s over the main worker's load and the repeats' (median, IQR, CI, samples), their page-cache
+    residency, and contention seen during any of them."""
+    fields = main.fields
+    samples = [fields["load_s"]] + [r.fields["load_s"] for r in extra if r.ok]
+    failed = [r for r in extra if not r.ok]
+    if failed:
+        reasons["load_s_samples"] = f"{len(failed)} repeat(s) failed: {failed[0].error}"
+    load_s, load_iqr = median_iqr(samples)
+    out: dict[str, Any] = dict(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples,
+                               load_s_ci_rel=ci_rel_or_none(samples))  # fmt: skip
+    out.update(load_residency_fields([fields] + [r.fields for r in extra if r.ok], reasons))
+    reasons.pop("load_s_ci_rel", None)
+    if out["load_s_ci_rel"] is None:
+        reasons["load_s_ci_rel"] = "a single load: no CI"
+    contended_repeats = [r for r in extra if r.ok and r.fields.get("contended")]
+    if contended_repeats and not fields.get("contended"):
+        out["contended"] = True
+        out["contention"] = "during a load repeat: " + contended_repeats[0].fields["contention"]
+    if "load_bandwidth_bytes_s" in fields and fields.get("checkpoint_bytes"):
+        out["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / load_s
+    return out
 
 
 def _safe_name(text: str) -> str:
@@ -259,70 +251,42 @@ class Runner:
 
     def _measure(self, combo: Combo) -> Record:
         options = self.plan.options
-        record = self._measure_scenario(combo)
+        try:
+            reason = skip_reason(combo, lambda: self.model(combo.model), self.capabilities, options)
+        except Exception as exc:  # a zoo build that fails is this combination's failure
+            record = _outcome(combo, "failed", error_kind="error", error=one_line(exc))
+        else:
+            if reason is not None:
+                known = self._models.get(combo.model)
+                record = _outcome(combo, "skipped", skip_reason=reason, model_source=known and known.source)
+            elif options.scenario == "finetune":
+                record = self._measure_finetune(combo, self.model(combo.model))
+            else:
+                record = self._measure_inference(combo, self.model(combo.model))
         record.scenario = options.scenario
-        explain_scenario_nulls(record)
+        explain_nulls(record, FRAMEWORKS[combo.framework])
         return record
 
-    def _measure_scenario(self, combo: Combo) -> Record:
-        reason = unsupported_reason(combo, self.capabilities)
-        if reason is not None:
-            return _outcome(combo, "skipped", skip_reason=reason)
+    def _measure_inference(self, combo: Combo, model: ModelSource) -> Record:
+        """The plan's pre-flight, the main worker, the load repeats and the cold-load worker."""
         options = self.plan.options
-        try:
-            model = self.model(combo.model)
-        except Exception as exc:  # a zoo build that fails is this combination's failure
-            return _outcome(combo, "failed", error_kind="error", error=one_line(exc))
-        reason = unsupported_model_reason(model) or precision_model_reason(PRECISIONS[combo.precision].family, model)
-        if reason is None and options.scenario == "finetune":
-            reason = self._training_reason(combo, model)
-        if reason is not None:
-            return _outcome(combo, "skipped", skip_reason=reason, model_source=model.source)
-        if options.scenario == "finetune":
-            return self._measure_finetune(combo, model)
         predicted, plan_note = self._preflight(combo)
         if plan_note.startswith("skip:"):
             return _outcome(combo, "skipped", skip_reason=plan_note.removeprefix("skip:"), model_source=model.source,
                             **predicted)  # fmt: skip
-        model_support = FRAMEWORKS[combo.framework].model_support
-        if model_support is not None:
-            reason = load_object(model_support)(model.model_type, model.kind)
-            if reason is not None:
-                return _outcome(combo, "skipped", skip_reason=reason)
-        read_ref, write_ref, ref_reason = (None, None, "")
-        if options.quality:
-            read_ref, write_ref, ref_reason = self.reference_paths(combo)
+        read_ref, write_ref, ref_reason = self.reference_paths(combo) if options.quality else (None, None, "")
         bandwidth = self.bandwidth(combo.device) if options.throughput else None
-        job = self._job(
-            combo,
-            mode="full",
-            reference_path=read_ref,
-            write_reference_path=write_ref,
-            reference_note=ref_reason,
-            memory_bandwidth_bytes_s=bandwidth,
-            log_path=self._log_path(combo),
-        )
+        job = self._job(combo, mode="full", reference_path=read_ref, write_reference_path=write_ref,
+                        reference_note=ref_reason, memory_bandwidth_bytes_s=bandwidth,
+                        log_path=self._log_path(combo))  # fmt: skip
         main = self.launcher.run(job, options.timeout_s)
-        extra = self._load_repeats(combo, main)
-        record = self._to_record(combo, model, main, extra)
+        record = self._to_record(combo, model, main, self._load_repeats(combo, main))
         if record.status == "ok" and options.cold:
-            cold_job = self._job(combo, mode="cold", log_path=self._log_path(combo, "-cold"))
-            cold = self.launcher.run(cold_job, options.timeout_s)
-            for name in COLD_FIELDS:
-                if cold.ok and cold.fields.get(name) is not None:
-                    setattr(record, name, cold.fields[name])
-                    record.na_reasons.pop(name, None)
-                elif not cold.ok:
-                    record.na_reasons[name] = f"cold-load worker failed: {cold.error}"
-                else:
-                    record.na_reasons[name] = "no checkpoint bytes or raw read to compare with"
+            self._add_cold_load(record, combo)
         record.import_s = self.import_s(combo.framework)
         if record.import_s is None:
             record.na_reasons["import_s"] = f"the import probe of {combo.framework} failed in a fresh interpreter"
-        for name, value in predicted.items():
-            setattr(record, name, value)
-            if value is None:
-                record.na_reasons[name] = plan_note
+        _add_predicted(record, predicted, plan_note)
         if record.status == "ok" and options.throughput and bandwidth is None:
             reason = self._bandwidth_errors.get(combo.device, "no bandwidth measured")
             for name in ("memory_bandwidth_bytes_s", "decode_roofline_tok_s", "decode_roofline_frac"):
@@ -334,20 +298,20 @@ class Runner:
             record.na_reasons["reference_model"] = record.na_reasons.get("reference_precision", "no reference")
         return record
 
+    def _add_cold_load(self, record: Record, combo: Combo) -> None:
+        """The cold-load worker's fields (raw read, a load after dropping the page cache), or their reason."""
+        cold = self.launcher.run(self._job(combo, mode="cold", log_path=self._log_path(combo, "-cold")),
+                                 self.plan.options.timeout_s)  # fmt: skip
+        for name in COLD_FIELDS:
+            if cold.ok and cold.fields.get(name) is not None:
+                setattr(record, name, cold.fields[name])
+                record.na_reasons.pop(name, None)
+            elif not cold.ok:
+                record.na_reasons[name] = f"cold-load worker failed: {cold.error}"
+            else:
+                record.na_reasons[name] = "no checkpoint bytes or raw read to compare with"
+
     # --- the finetune scenario ----------------------------------------------------------------
-
-    def _training_reason(self, combo: Combo, model: ModelSource) -> str | None:
-        """Why `combo` has no training step (registry rules), or a missing trainer package, or None."""
-        from harness.matrix import is_installed
-
-        reason = training_skip_reason(combo.framework, combo.precision, model.kind, self.plan.options.lora_rank)
-        if reason is not None:
-            return reason
-        framework = FRAMEWORKS[combo.framework]
-        missing = [p for p in framework.trainer_packages if not is_installed(p)]
-        if missing:
-            return f"the finetune scenario needs {', '.join(missing)}: pip install 'harness[{framework.trainer_extra}]'"
-        return None
 
     def _measure_finetune(self, combo: Combo, model: ModelSource) -> Record:
         """A training worker (harness.finetune), then an adapter round-trip worker on a fresh base."""
@@ -360,10 +324,7 @@ class Runner:
         job = self._job(combo, mode="finetune", adapter_dir=adapter_dir, log_path=self._log_path(combo))
         main = self.launcher.run(job, options.timeout_s)
         record = self._to_record(combo, model, main, [])
-        for name, value in predicted.items():
-            setattr(record, name, value)
-            if value is None:
-                record.na_reasons[name] = plan_note
+        _add_predicted(record, predicted, plan_note)
         if record.status != "ok":
             return record
         check = self.launcher.run(
@@ -470,6 +431,7 @@ class Runner:
 
     @staticmethod
     def _to_record(combo: Combo, model: ModelSource, main: WorkerResult, extra: list[WorkerResult]) -> Record:
+        """The record of the main worker's fields and the load repeats' (null reasons: explain_nulls)."""
         identity = dict(model_source=model.source, model_revision=model.revision, tokenizer_source=model.tokenizer,
                         quantization=model.quantization)  # fmt: skip
         if not main.ok:
@@ -477,22 +439,7 @@ class Runner:
                             worker_wall_s=main.wall_s, **identity)  # fmt: skip
         fields = dict(main.fields)
         reasons = fields.pop("na_reasons", {})
-        samples = [main.fields["load_s"]] + [r.fields["load_s"] for r in extra if r.ok]
-        failed = [r for r in extra if not r.ok]
-        if failed:
-            reasons["load_s_samples"] = f"{len(failed)} repeat(s) failed: {failed[0].error}"
-        load_s, load_iqr = median_iqr(samples)
-        fields.update(load_s=load_s, load_s_iqr=load_iqr, load_s_samples=samples, load_s_ci_rel=ci_rel_or_none(samples))
-        fields.update(load_residency_fields([main.fields] + [r.fields for r in extra if r.ok], reasons))
-        reasons.pop("load_s_ci_rel", None)
-        if fields["load_s_ci_rel"] is None:
-            reasons["load_s_ci_rel"] = "a single load: no CI"
-        contended_repeats = [r for r in extra if r.ok and r.fields.get("contended")]
-        if contended_repeats and not fields.get("contended"):
-            fields["contended"] = True
-            fields["contention"] = "during a load repeat: " + contended_repeats[0].fields["contention"]
-        if "load_bandwidth_bytes_s" in fields and fields.get("checkpoint_bytes"):
-            fields["load_bandwidth_bytes_s"] = fields["checkpoint_bytes"] / load_s
+        fields.update(_load_fields(main, extra, reasons))
         record = _outcome(combo, "ok", worker_wall_s=main.wall_s, worker_start_s=main.start_s, na_reasons=reasons,
                           **identity)  # fmt: skip
         for name, value in fields.items():
@@ -501,30 +448,6 @@ class Runner:
             setattr(record, name, value)
         if record.model_kind is None:
             record.model_kind = model.kind
-        device_fields = ("peak_device_allocated_bytes", "peak_device_reserved_bytes", "device_process_bytes")
-        if record.device == "cpu":
-            for name in device_fields:
-                record.na_reasons[name] = "cpu: the host is the device; see the host memory fields"
-        elif record.device.startswith("xla"):
-            for name in device_fields:
-                record.na_reasons[name] = "xla: torch_xla does not report per-process device memory here"
-        else:
-            for name, reason in FRAMEWORKS[record.framework].null_field_reasons.items():
-                if getattr(record, name) is None:
-                    record.na_reasons[name] = reason
-            if record.device_process_bytes is None:
-                record.na_reasons["device_process_bytes"] = NVML_NO_PID_REASON
-        for name in NOT_APPLICABLE:
-            if getattr(record, name) is None:
-                record.na_reasons.setdefault(name, NOT_APPLICABLE[name])
-        if record.quantization is None:
-            record.na_reasons["quantization"] = "not a pre-quantized checkpoint: the harness quantized it at load"
-        if record.model_revision is None:
-            record.na_reasons["model_revision"] = "a local directory, not a hub snapshot"
-        if record.tokenizer_source is None:
-            record.na_reasons["tokenizer_source"] = NO_TOKENIZER_REASON
-        if record.checkpoint_bytes is None:
-            record.na_reasons.setdefault("checkpoint_bytes", "no weight files found in the checkpoint directory")
         return record
 
     # --- the whole matrix -------------------------------------------------------------------

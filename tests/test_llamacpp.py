@@ -38,9 +38,10 @@ from harness.backends.llamacpp import (
 from harness.corpus import eval_text
 from harness.measure import checkpoint_bytes, loaded_files
 from harness.pagecache import resident_fraction
-from harness.quality import CHUNK_TOKENS, CausalComparison, load_tokenizer
+from harness.quality import CausalComparison, load_tokenizer
 from harness.storage import read_records
 from harness.worker import drop_weight_pages
+from harness.workload import CHUNK_TOKENS
 from harness.zoo import ensure_built
 
 QUALITY_TOKENS = 512  # two 256-token chunks, as the quality pass feeds them
@@ -334,11 +335,14 @@ def test_null_device_fields_of_a_cuda_record_have_reasons() -> None:
     from harness.launcher import WorkerResult
     from harness.matrix import Combo
     from harness.models import ModelSource
+    from harness.reasons import explain_nulls
+    from harness.registry import FRAMEWORKS
     from harness.runner import Runner
 
     model = ModelSource("m", "/nonexistent", "causal-lm", "llama", True, tokenizer="/nonexistent")
     fields = {"load_s": 1.0, "device_process_bytes": None, "checkpoint_bytes": 1}
     record = Runner._to_record(Combo("m", "llamacpp", "gguf-q8_0", "cuda"), model, WorkerResult(True, fields), [])
+    explain_nulls(record, FRAMEWORKS["llamacpp"])
     for name in ("peak_device_allocated_bytes", "peak_device_reserved_bytes", "device_process_bytes"):
         assert getattr(record, name) is None and record.na_reasons.get(name), name
 

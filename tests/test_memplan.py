@@ -503,7 +503,8 @@ def test_quality_activations_match_the_comparisons_traced_peak() -> None:
     import numpy as np
 
     from harness.memplan import _transformers_config
-    from harness.quality import CHUNK_TOKENS, CausalComparison
+    from harness.quality import CausalComparison
+    from harness.workload import CHUNK_TOKENS
 
     config = config_of("mistral-7b")
     vocab = config["vocab_size"]

@@ -387,6 +387,15 @@ def test_trend_flags_an_injected_step_and_ignores_one_outlier_night(nights: dict
     assert set(steps["verdict"]) == {"regression"} and set(steps["since"]) == {"20260218-020000"}
     assert steps["change_pct"].between(-33, -27).all() and (steps["p_value"] < 0.05).all()
 
+    # the same step on nights when other processes took the CPU: contended, not a regression (regress's rule)
+    shutil.copytree(stepped, tmp_path / "contended")
+    for night in sorted((tmp_path / "contended").iterdir())[-3:]:
+        for results in night.rglob("results.jsonl"):
+            lines = [json.loads(line) | {"contended": True} for line in results.read_text().splitlines()]
+            results.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    contended = detect_steps(load_history(tmp_path / "contended"))
+    assert len(contended) == 2 and set(contended["verdict"]) == {"contended"}
+
     # steady nights, one outlier as the newest night: not a step; nor the same outlier inside the window
     assert detect_steps(load_history(synthetic_history(tmp_path / "last", artifacts, [1] * 12 + [0.55]))).empty
     assert detect_steps(load_history(synthetic_history(tmp_path / "mid", artifacts, [1] * 6 + [0.55] + [1] * 6))).empty

@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import run_matrix
 from harness.archs import build_large_vocab_llama
 from harness.measure import PHASES
-from harness.quality import CHUNK_TOKENS
 from harness.records import TRAIN_PHASES
+from harness.workload import CHUNK_TOKENS
 
 
 def test_every_phase_has_a_peak_and_the_headline_is_their_maximum(tmp_path: Path) -> None:

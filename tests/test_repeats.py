@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from harness.quality import CHUNK_TOKENS, EVAL_TOKENS_FLOOR, scaled_eval_tokens
+from harness.quality import EVAL_TOKENS_FLOOR, scaled_eval_tokens
 from harness.repeats import MIN_SAMPLES, RepeatPolicy, median_ci_rel, repeat_until
+from harness.workload import CHUNK_TOKENS
 
 
 def stream(values: list[float], seconds: float) -> object:

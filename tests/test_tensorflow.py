@@ -244,7 +244,8 @@ def test_keras_support_does_not_import_tensorflow() -> None:
 
 def test_torch_free_tokenizer_gives_the_same_ids(tiny_llama_dir: Path) -> None:
     """TensorFlow workers tokenize without transformers (whose AutoTokenizer imports torch)."""
-    from harness.quality import ENCODER_MAX_TOKENS, eval_sentences, eval_token_ids, load_tokenizer
+    from harness.quality import eval_sentences, eval_token_ids, load_tokenizer
+    from harness.workload import ENCODER_MAX_TOKENS
 
     options = RunOptions(eval_tokens=4096)
     sentences = eval_sentences(options)[:8]

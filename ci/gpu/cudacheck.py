@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: the tree's harness
 
-from harness.measure import FIRST_FORWARD_TOKENS
 from harness.memplan import DTYPE_BYTES, kv_cache_bytes
 from harness.registry import PRECISIONS
 from harness.storage import read_records
+from harness.workload import FIRST_FORWARD_TOKENS
 
 BNB_PRECISIONS = tuple(p.name for p in PRECISIONS.values() if p.family == "bitsandbytes")
 PEAK_TOLERANCE = 0.10  # peak allocated within 10 % of weights + KV + first-forward outputs

@@ -11,6 +11,7 @@ from harness.report import cost, document, plots, regress, stacks
 from harness.report import formats as writers
 from harness.report import history as nightly
 from harness.report.finetune import finetune_section
+from harness.report.formats import Block
 from harness.report.frame import load_frame
 from harness.report.pareto import add_frontiers
 from harness.report.recommend import recommend
@@ -45,12 +46,7 @@ def write_report(
     images = plots.write_plots(frame, out)
     if baseline is None and history is not None:
         baseline = nightly.latest_night(history)
-    regression, comparisons, base = [], None, None
-    if baseline is not None:
-        base, _ = load_frame([Path(baseline)])
-        comparisons = regress.compare_runs(everything, base)  # both scenarios: training steps are sampled too
-        only = regress.unmatched(everything, base)
-        regression = document.regression_section(comparisons, Path(baseline), only, fail_on_regression_pct)
+    base, comparisons, regression = _against_baseline(everything, baseline, fail_on_regression_pct)
     if frame.empty and not training.empty:  # the finetune scenario alone: no inference sections
         blocks = [*document.overview(everything, runs), *finetune_section(training, out, budget_bytes), *regression]
     else:
@@ -71,20 +67,46 @@ def write_report(
         if "md" in formats:
             (out / "summary.md").write_text(writers.to_markdown(summary), encoding="utf-8")
     written = writers.write_document(blocks, out, formats, title=f"harness report: {', '.join(r.name for r in runs)}")
+    written += _write_tables(pd.concat([frame, training], ignore_index=True) if not training.empty else frame,
+                             comparisons, out, formats)  # fmt: skip
+    print(f"report: {', '.join(str(p) for p in written)}")
+    return _gate(comparisons, fail_on_regression_pct)
+
+
+def _against_baseline(
+    everything: pd.DataFrame, baseline: Path | None, gate_pct: float | None
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None, list[Block]]:
+    """(the baseline's frame, the per-metric comparisons, the regression section); all empty without one."""
+    if baseline is None:
+        return None, None, []
+    base, _ = load_frame([Path(baseline)])
+    comparisons = regress.compare_runs(everything, base)  # both scenarios: training steps are sampled too
+    only = regress.unmatched(everything, base)
+    return base, comparisons, document.regression_section(comparisons, Path(baseline), only, gate_pct)
+
+
+def _write_tables(
+    rows: pd.DataFrame, comparisons: pd.DataFrame | None, out: Path, formats: tuple[str, ...]
+) -> list[Path]:
+    """report.<csv|parquet> (every row, both scenarios) and regressions.<csv|parquet>, in the formats asked for."""
+    written = []
     for name in ("csv", "parquet"):
         if name in formats:
-            rows = pd.concat([frame, training], ignore_index=True) if not training.empty else frame
             written.append(writers.write_frame(rows, out / f"report.{name}"))
             if comparisons is not None:
                 written.append(writers.write_frame(comparisons, out / f"regressions.{name}"))
-    print(f"report: {', '.join(str(p) for p in written)}")
-    failed = regress.tripped(comparisons, fail_on_regression_pct) if comparisons is not None else None
-    if failed is not None and not failed.empty:
-        for _, r in failed.iterrows():
-            print(
-                f"regression: {r['model']}/{r['framework']}/{r['precision']}/{r['device']} on {r['hardware']}: "
-                f"{r['metric']} {r['worse_pct']:.1f}% worse (p={r['p_value']:.2g}) > {fail_on_regression_pct:g}%",
-                file=sys.stderr,
-            )
-        return 1
-    return 0
+    return written
+
+
+def _gate(comparisons: pd.DataFrame | None, gate_pct: float | None) -> int:
+    """1, naming each on stderr, when a significant regression is worse than `gate_pct`; else 0."""
+    failed = regress.tripped(comparisons, gate_pct) if comparisons is not None else None
+    if failed is None or failed.empty:
+        return 0
+    for _, r in failed.iterrows():
+        print(
+            f"regression: {r['model']}/{r['framework']}/{r['precision']}/{r['device']} on {r['hardware']}: "
+            f"{r['metric']} {r['worse_pct']:.1f}% worse (p={r['p_value']:.2g}) > {gate_pct:g}%",
+            file=sys.stderr,
+        )
+    return 1

@@ -18,6 +18,7 @@ from harness.units import MIB_LABEL
 
 # A combination on one machine with one software stack, in one scenario (a LoRA rank of the finetune
 # scenario is its own row): different stacks are never duplicates.
+CONTENDED = "contended"  # the flag in the tables' machine column and the verdict contention_verdict gives
 KEY = ["model", "framework", "precision", "device", "hardware_id", "stack", "scenario", "lora_rank"]
 GROUP = ["model", "framework", "device", "hardware_id", "stack", "scenario"]  # rows sharing one reference precision
 STACK_LIBRARIES = (
@@ -31,6 +32,12 @@ DERIVED_METRICS: dict[str, Metric] = {
     "speed": Metric("tok/s or seq/s", True, "throughput", label="speed"),
     "memory_bytes": Metric("bytes", False, "memory", label=f"peak memory {MIB_LABEL}"),
 }
+
+
+def is_contended(flag: Any) -> bool:
+    """A record's `contended` cell, whatever pandas made of the column (a numpy bool in an all-bool
+    column, a Python bool, None or NaN in a mixed one, 1.0 after a pivot): None and NaN are not."""
+    return flag is not None and not pd.isna(flag) and bool(flag)
 
 
 def metric_info(column: str) -> Metric:

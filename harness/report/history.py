@@ -20,10 +20,10 @@ from matplotlib.lines import Line2D
 from harness.records import Record
 from harness.report import regress
 from harness.report.formats import Block, Bullets, Heading, Image, Text
-from harness.report.frame import KEY, RUN_COLUMNS, add_derived, dedupe, run_rows
+from harness.report.frame import KEY, RUN_COLUMNS, add_derived, dedupe, is_contended, run_rows
 from harness.report.pareto import FRONTIERS
 from harness.report.plots import _figure
-from harness.report.regress import ALPHA, SAMPLE_METRICS, judge
+from harness.report.regress import ALPHA, SAMPLE_METRICS, contention_verdict, judge
 from harness.report.tables import Table, num
 from harness.storage import RESULTS_FILE, find_run_dirs
 
@@ -105,7 +105,8 @@ def detect_steps(
     alpha: float = ALPHA,
 ) -> pd.DataFrame:
     """Series whose last `recent` nights (all of them the newest nights) differ significantly,
-    and by more than `min_change_pct`, from the up to `window` nights before."""
+    and by more than `min_change_pct`, from the up to `window` nights before. A timed metric's step
+    down where any recent night was contended gets the verdict `contended` (regress.contention_verdict)."""
     columns = [*KEY, "hardware", "metric", "since", "window_median", "recent_median", "change_pct", "worse_pct",
                "p_value", "method", "verdict"]  # fmt: skip
     ok = keyable(history[history["status"] == "ok"])
@@ -114,6 +115,7 @@ def detect_steps(
     newest = list(range(int(history["night_index"].max()) - recent + 1, int(history["night_index"].max()) + 1))
     hardware = ok.drop_duplicates(KEY, keep="last").set_index(KEY)["hardware"]
     night_names = ok.drop_duplicates("night_index").set_index("night_index")["night"]
+    contention = nightly_values(ok.assign(contended=ok["contended"].map(is_contended)), "contended")
     rows = []
     for metric, higher in trend_metrics().items():
         nightly = nightly_values(ok, metric)
@@ -129,6 +131,7 @@ def detect_steps(
             verdict = judge(before.tolist(), last.tolist(), higher, alpha)
             if verdict.verdict not in ("regression", "improvement"):
                 continue
+            recent_contended = bool(np.nansum(contention.loc[key, newest].to_numpy(float)) > 0)
             rows.append(
                 dict(zip(KEY, key, strict=True))
                 | {
@@ -141,7 +144,7 @@ def detect_steps(
                     "worse_pct": 100 * verdict.worse_frac,
                     "p_value": verdict.p_value,
                     "method": verdict.method,
-                    "verdict": verdict.verdict,
+                    "verdict": contention_verdict(verdict.verdict, metric, recent_contended),
                 }
             )
     steps = pd.DataFrame(rows, columns=columns)
@@ -304,6 +307,27 @@ def changes_section(
             + (f"baseline {baseline_name}." if base is not None else "no baseline (first night).")
         ),
     ]
+    listed_pct = min(gate_pct, min_change_pct) if gate_pct is not None else min_change_pct
+    shown = [(title, lines) for title, lines in _change_lists(frame, base, comparisons, steps, listed_pct,
+                                                              min_change_pct) if lines]  # fmt: skip
+    for title, lines in shown:
+        more = [f"… and {len(lines) - max_lines} more in the report"] if len(lines) > max_lines else []
+        blocks += [Heading(f"{title} ({len(lines)})", 3), Bullets(lines[:max_lines] + more)]
+    if not shown:
+        blocks.append(Text("Nothing changed: same outcomes, no significant change in any metric."))
+    return blocks + _change_footnotes(frame, base, comparisons, gate_pct, listed_pct)
+
+
+def _change_lists(
+    frame: pd.DataFrame,
+    base: pd.DataFrame | None,
+    comparisons: pd.DataFrame | None,
+    steps: pd.DataFrame | None,
+    listed_pct: float,
+    min_change_pct: float,
+) -> list[tuple[str, list[str]]]:
+    """(title, one line per change) for each kind of change, in the summary's order: outcomes, then
+    sampled metrics, then size and quality, then steps in the trend."""
     sections: list[tuple[str, list[str]]] = []
     if base is not None:
         status = status_changes(frame, base)
@@ -317,7 +341,6 @@ def changes_section(
         other = status[status["change"] == "other"]
         sections.append(("Other outcome changes", [f"{_key_text(r)}: {r['status_base']} → {r['status']}"
                                                    for _, r in other.iterrows()]))  # fmt: skip
-    listed_pct = min(gate_pct, min_change_pct) if gate_pct is not None else min_change_pct
     if comparisons is not None:
         for verdict, title in (("regression", "Significant regressions"), ("improvement", "Significant improvements")):
             sections.append((f"{title} beyond {listed_pct:g}%", _verdict_lines(comparisons, verdict, listed_pct)))
@@ -333,12 +356,18 @@ def changes_section(
             f"{r['since']} ({r['change_pct']:+.1f}%, p={r['p_value']:.2g}, {r['verdict']})"
             for _, r in steps.iterrows()
         ]))  # fmt: skip
-    shown = [(title, lines) for title, lines in sections if lines]
-    for title, lines in shown:
-        more = [f"… and {len(lines) - max_lines} more in the report"] if len(lines) > max_lines else []
-        blocks += [Heading(f"{title} ({len(lines)})", 3), Bullets(lines[:max_lines] + more)]
-    if not shown:
-        blocks.append(Text("Nothing changed: same outcomes, no significant change in any metric."))
+    return sections
+
+
+def _change_footnotes(
+    frame: pd.DataFrame,
+    base: pd.DataFrame | None,
+    comparisons: pd.DataFrame | None,
+    gate_pct: float | None,
+    listed_pct: float,
+) -> list[Block]:
+    """What the lists leave out (failures that did not change, smaller changes) and the gate's verdict."""
+    blocks: list[Block] = []
     if base is not None:
         both = outcomes(frame, base)
         still = int(((both["status"] == "failed") & (both["status_base"] == "failed")).sum())

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from harness.records import SAMPLED_METRICS
-from harness.report.frame import KEY
+from harness.report.frame import CONTENDED, KEY, is_contended
 
 # metric -> higher is better, for every Record metric with raw repeats (harness.records.METRICS)
 SAMPLE_METRICS: dict[str, bool] = {name: m.higher_is_better for name, m in SAMPLED_METRICS.items()}
@@ -78,9 +78,11 @@ def judge(
     return Verdict(change, worse, p, method, verdict)
 
 
-def _contended(row: pd.Series) -> bool:
-    """Either side's record says other processes used the CPU while it was timed (harness.contention)."""
-    return any(row.get(name) is True or row.get(name) == 1.0 for name in ("contended", "contended_base"))
+def contention_verdict(verdict: str, metric: str, contended: bool) -> str:
+    """The one contention rule, for a run against its baseline (compare_runs) and for a step in the trend
+    (history.detect_steps): a timed metric that got worse while other processes used the CPU
+    (harness.contention) is `contended`, never a regression. The tables flag the same rows."""
+    return CONTENDED if verdict == "regression" and contended and metric in SAMPLE_METRICS else verdict
 
 
 def compare_runs(new: pd.DataFrame, base: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
@@ -95,9 +97,8 @@ def compare_runs(new: pd.DataFrame, base: pd.DataFrame, alpha: float = ALPHA) ->
             if not new_s or not base_s:
                 continue
             v = judge(base_s, new_s, higher, alpha)
-            verdict = v.verdict
-            if verdict == "regression" and _contended(row):
-                verdict = "contended"  # other processes took the CPU: never called a regression
+            contended = is_contended(row.get("contended")) or is_contended(row.get("contended_base"))
+            verdict = contention_verdict(v.verdict, metric, contended)
             rows.append(
                 {k: row[k] for k in [*KEY, "hardware"]}
                 | {

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.records import METRICS
+from harness.report.frame import CONTENDED, is_contended
 from harness.units import MIB
 
 
@@ -130,8 +131,7 @@ def _peak_memory(row: pd.Series) -> str:
 
 
 def _contended(row: pd.Series) -> str:
-    flag = row["contended"]  # a numpy bool in an all-bool column, a Python bool or None in a mixed one
-    return "contended" if not _missing(flag) and bool(flag) else ""
+    return CONTENDED if is_contended(row["contended"]) else ""
 
 
 # header -> (source column that must have a value somewhere for the column to show, cell function)
