@@ -151,7 +151,7 @@ def finite_problems(record: dict[str, Any], names: tuple[str, ...]) -> list[str]
     return problems
 
 
-# The finetune scenario (harness.finetune). An adapter saved and reloaded on a fresh base must give
+# The finetune scenario (harness.measure.finetune). An adapter saved and reloaded on a fresh base must give
 # the trained model's logits: exactly for plain LoRA (measured KL 0), within the fp32 upcast that
 # QLoRA trains with and a fresh base lacks (measured 2e-6 to 6e-5 nats, tiny-llama-trained and
 # tiny-gpt2, int8 and nf4). Merging requantizes quantized bases: measured KL 5e-6 (int8) to 0.04
@@ -201,7 +201,7 @@ def plan_problems(record: dict[str, Any], tolerance: float = PLAN_TOLERANCE_FRAC
     On the host the optimizer step's RSS may lie anywhere from its own plan up to the backward's: glibc
     keeps heap the backward freed (measured: 0.5B bf16 without checkpointing, optimizer RSS 1551 MiB
     for 1108 MiB of planned tensors, backward 2115 MiB)."""
-    from harness.memplan import RUNTIME_SPREAD_BYTES
+    from harness.plan.memplan import RUNTIME_SPREAD_BYTES
 
     problems = []
     host = record["device"] == "cpu"

@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.config import RunOptions, add_run_options, add_selection_options, given_options, parse_bytes
 from harness.errors import UsageError
+from harness.options import RunOptions, add_run_options, add_selection_options, given_options, parse_bytes
 from harness.registry import FRAMEWORKS, PRECISIONS, REFERENCE_FRAMEWORK
 
 DEFAULT_REPORTS_DIR = Path("reports")
@@ -24,16 +24,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from harness.environment import collect_environment
-    from harness.matrix import Capabilities
-    from harness.printers import summary_table
+    from harness.plan.matrix import Capabilities
     from harness.records import Record
-    from harness.runner import Plan, Runner
+    from harness.report.printers import summary_table
+    from harness.run.runner import Plan, Runner
     from harness.storage import RunWriter, combo_key, read_records, write_command
 
     if args.resume is not None:
         args = resumed_args(args)
     if args.shard:
-        from harness.shard import parse_shard, select_shard
+        from harness.plan.shard import parse_shard, select_shard
 
         parse_shard(args.shard)  # a bad --shard is a usage error before anything is written
     env = collect_environment()
@@ -74,9 +74,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Predicted memory per model x precision, and where it fits: config.json only, no weights, no GPU."""
     import harness.quiet  # noqa: F401 - the plan builds meta models here, importing torch (and torchao)
     from harness.environment import collect_environment
-    from harness.matrix import Capabilities, Selection, split_list
-    from harness.preflight import plan_table
-    from harness.printers import plan_printers
+    from harness.plan.matrix import Capabilities, Selection, split_list
+    from harness.plan.preflight import plan_table
+    from harness.report.printers import plan_printers
 
     capabilities = Capabilities.detect(collect_environment())
     selection = Selection.from_lists(args.models, REFERENCE_FRAMEWORK, args.precisions, args.devices, capabilities)
@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = RunOptions(**given | {"scenario": "finetune" if args.finetune else "inference"})
     budget = parse_bytes(args.budget_bytes) if args.budget_bytes else None
     if args.finetune:
-        from harness.preflight import training_plan_table
+        from harness.plan.preflight import training_plan_table
 
         rows = training_plan_table(selection.models, selection.precisions, selection.devices, capabilities, options,
                                    budget)  # fmt: skip
@@ -134,7 +134,7 @@ def precision_table() -> tuple[list[str], list[list[str]]]:
 
 
 def cmd_precisions(args: argparse.Namespace) -> int:
-    from harness.printers import markdown
+    from harness.report.printers import markdown
 
     headers, rows = precision_table()
     if args.format == "md":
@@ -154,7 +154,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 # Benchmark checkpoints built on request, outside the default zoo: name -> "module:builder(out_dir)".
-LARGE_BUILDS = {"qwen-0.5b-shape": "harness.archs:build_qwen_05b_shape"}
+LARGE_BUILDS = {"qwen-0.5b-shape": "harness.zoo.archs:build_qwen_05b_shape"}
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

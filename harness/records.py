@@ -70,7 +70,7 @@ class Record:
     precision: str
     device: str
     status: str  # ok | failed | skipped
-    scenario: str = "inference"  # inference | finetune (harness.finetune): what was measured
+    scenario: str = "inference"  # inference | finetune (harness.measure.finetune): what was measured
     run_id: str = ""
     env_id: str = ""
     hardware_id: str = ""
@@ -221,12 +221,12 @@ class Record:
     )  # encoders: sequences per second, median
     encode_samples_s_iqr: float | None = None
     encode_samples_s_samples: list[float] = field(default_factory=list)
-    prefill_tok_s_ci_rel: float | None = None  # relative half-width of the median's 95 % CI (harness.repeats)
+    prefill_tok_s_ci_rel: float | None = None  # relative half-width of the median's 95 % CI (harness.stats)
     decode_tok_s_ci_rel: float | None = None
     encode_samples_s_ci_rel: float | None = None
     budget_limited: list[str] = field(default_factory=list)  # phases stopped by --time-budget before the CI target
     sweep: list[dict[str, Any]] = field(default_factory=list)  # other prompt/batch points
-    # contention (harness.contention): CPU that other processes used while timed phases ran
+    # contention (harness.measure.contention): CPU that other processes used while timed phases ran
     contended: bool | None = None  # others used > 10 % of the machine's core-seconds in some timed phase
     contention: str | None = None  # one line with the numbers behind `contended`
     others_cpu_share_max: float | None = None  # largest share of the machine's CPU others took in one phase
@@ -244,7 +244,9 @@ class Record:
     # --- quality against the reference -------------------------------------------------------
     reference_precision: str | None = None
     reference_model: str | None = None  # the model the reference precision ran on (itself, or --reference-model)
-    eval_tokens: int | None = None  # tokens the quality pass compared (after harness.quality.scaled_eval_tokens)
+    eval_tokens: int | None = (
+        None  # tokens the quality pass compared (after harness.measure.quality.scaled_eval_tokens)
+    )
     eval_tokens_requested: int | None = None  # --eval-tokens (cut to what the text and the reference hold)
     reference_eval_tokens: int | None = None  # tokens the reference's outputs cover (decided once per model, device)
     kl_mean: float | None = metric(
@@ -276,7 +278,7 @@ class Record:
     roundtrip_live_max_abs_diff: float | None = None  # the live model's outputs after save_pretrained vs before
     roundtrip_reload_max_abs_diff: float | None = None  # the reloaded model's outputs vs the live one's after the save
 
-    # --- fine-tuning (scenario "finetune", harness.finetune): N optimizer steps on one fixed batch ---
+    # --- fine-tuning (scenario "finetune", harness.measure.finetune): N optimizer steps on one fixed batch ---
     # Every field from here to the end belongs to the finetune scenario (training_fields below):
     # add inference fields above this section.
     lora_method: str | None = None  # plain (LoRA on the layers as loaded) | kbit (QLoRA) | full (no adapter)
@@ -330,7 +332,7 @@ class Record:
         "bytes", False, "finetune", budget=True, label=f"train peak {MIB_LABEL}"
     )  # the largest training phase's peak above rss_before_load (host) or the allocator's peak (cuda)
     train_peak_phase: str | None = None
-    predicted_train_forward_bytes: int | None = None  # the training plan (harness.trainplan), before any load,
+    predicted_train_forward_bytes: int | None = None  # the training plan (harness.plan.trainplan), before any load,
     predicted_train_backward_bytes: int | None = None  # above the worker's baseline: weights, adapter, grads,
     predicted_train_optimizer_bytes: int | None = None  # optimizer states, saved activations and temporaries
     adapter_roundtrip_kl: float | None = metric(

@@ -57,7 +57,7 @@ class Framework:
     setup: str | None = None
     default: bool = False  # part of the default matrix
     reference: bool = False  # quality references are measured in this framework
-    # the finetune scenario: "module:Class" of its trainer (harness.finetune.Trainer), or why it has none
+    # the finetune scenario: "module:Class" of its trainer (harness.measure.finetune.Trainer), or why it has none
     trainer: str | None = None
     trainer_packages: tuple[str, ...] = ()  # import names the trainer needs beyond `packages`
     trainer_extra: str | None = None  # pip extra that installs them
@@ -146,7 +146,7 @@ _PYTORCH = Framework(
     start_method="forkserver",
     import_statement="import torch, transformers",
     devices=DEVICE_KINDS,
-    preload=("harness.quiet", "harness.worker", "harness.measure", "harness.backends.pytorch"),
+    preload=("harness.quiet", "harness.run.worker", "harness.measure.inference", "harness.backends.pytorch"),
     oom_exceptions=("OutOfMemoryError",),  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
     cuda_build="torch_cuda_build",
     no_cuda_build_reason="the installed torch is a CPU build: install a CUDA build of torch",
@@ -207,7 +207,7 @@ _LLAMACPP = Framework(
     start_method="forkserver",
     import_statement="import llama_cpp, gguf",
     devices=("cpu", "cuda"),
-    preload=("harness.quiet", "harness.worker", "harness.measure", "harness.backends.llamacpp"),
+    preload=("harness.quiet", "harness.run.worker", "harness.measure.inference", "harness.backends.llamacpp"),
     # no exception class: a failed context is ValueError("Failed to create llama_context"), a failed
     # decode a RuntimeError, a CUDA OOM aborts the process (classified by message or signal)
     oom_exceptions=(),
@@ -219,7 +219,7 @@ _LLAMACPP = Framework(
         "peak_device_allocated_bytes": _LLAMACPP_NO_ALLOCATOR,
         "peak_device_reserved_bytes": _LLAMACPP_NO_ALLOCATOR,
     },
-    setup="harness.gguf:setup",  # llama.cpp's converter (convert_hf_to_gguf.py), from the llama-cpp-python sdist
+    setup="harness.backends.gguf:setup",  # llama.cpp's converter (convert_hf_to_gguf.py), from the llama-cpp-python sdist
     no_trainer_reason="llama.cpp runs GGUF inference only: no training step (fine-tune the Hugging Face checkpoint)",
 )
 
@@ -242,7 +242,7 @@ _BNB = {
     "extra": "quant",
     "device_reasons": {"xla": "bitsandbytes has no XLA backend"},
     "devices": ("cpu", "cuda"),
-    "quantizer": "harness.quantizers.bnb",
+    "quantizer": "harness.backends.quantizers.bnb",
     "default": True,
     "lora": "kbit",  # QLoRA: peft's prepare_model_for_kbit_training, then LoRA on Linear8bitLt/Linear4bit
 }
@@ -255,7 +255,7 @@ _TORCHAO = _WEIGHT_ONLY | {
     "extra": "torchao",
     "devices": ("cpu", "cuda"),
     "device_reasons": {"xla": "torchao has no XLA kernels"},
-    "quantizer": "harness.quantizers.torchao",
+    "quantizer": "harness.backends.quantizers.torchao",
 }
 _QUANTO = _WEIGHT_ONLY | {
     "family": "quanto",
@@ -263,14 +263,19 @@ _QUANTO = _WEIGHT_ONLY | {
     "extra": "quanto",
     "devices": ("cpu", "cuda"),
     "device_reasons": {"xla": "optimum-quanto has no XLA kernels"},
-    "quantizer": "harness.quantizers.quanto",
+    "quantizer": "harness.backends.quantizers.quanto",
     "serializes": False,  # QuantoHfQuantizer.is_serializable is False
     # quanto's packed int2/int4 weights set version counters: "Cannot set version_counter for inference tensor"
     "inference_mode": False,
     "lora": "",
     "no_lora_reason": "peft has no LoRA layer for optimum-quanto (its maintainers keep quanto in maintenance mode)",
 }
-_HQQ = _WEIGHT_ONLY | {"family": "hqq", "packages": ("hqq",), "extra": "hqq", "quantizer": "harness.quantizers.hqq"}
+_HQQ = _WEIGHT_ONLY | {
+    "family": "hqq",
+    "packages": ("hqq",),
+    "extra": "hqq",
+    "quantizer": "harness.backends.quantizers.hqq",
+}
 _GGUF = {
     "family": "gguf",
     "storage_dtype": "float16",  # the converter's baseline (the memory plan's estimate starts from it)
@@ -342,7 +347,7 @@ _BUILTIN_PRECISIONS: tuple[Precision, ...] = (
     # reference is a separate full-precision model (--reference-model, or reference_model per model).
     Precision("as-saved", "pre-quantized", "the checkpoint's own quantization_config, loaded as saved",
               ("pytorch",), 0, storage_dtype="half", compute_dtype="half",
-              quantizer="harness.quantizers.saved", lora="kbit"),
+              quantizer="harness.backends.quantizers.saved", lora="kbit"),
     # llama.cpp GGUF types: converted once to f16 by llama.cpp's converter, then quantized with
     # llama_model_quantize. Bits are nominal: k-quants need rows that are multiples of 256, and
     # llama.cpp falls back to other types per tensor (the record's notes list what each got).

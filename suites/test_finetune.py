@@ -1,5 +1,5 @@
 """Fine-tuning (`pytest suites/ -m finetune`, or `--scenario finetune`): one LoRA/QLoRA training run per
-combination (harness.finetune). Does it learn, does its adapter reload and merge, did the training
+combination (harness.measure.finetune). Does it learn, does its adapter reload and merge, did the training
 memory plan hold? With --benchmark, pytest-benchmark stores the worker's timed steps.
 
 Settings (seq_len, lora_rank, train_steps, learning_rate, gradient_checkpointing, optimizer) come

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from harness.config import RunOptions
 from harness.environment import collect_environment
-from harness.matrix import Selection
+from harness.options import RunOptions
+from harness.plan.matrix import Selection
 from harness.registry import DEFAULT_PRECISIONS
-from harness.runner import Plan, Runner
+from harness.run.runner import Plan, Runner
 from harness.storage import RunWriter, read_records
 from harness.zoo import DEFAULT_MODELS, ensure_built
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import by_precision, run_matrix
 from harness.zoo import causal_tokenizer, ensure_built
-from harness.zoo_config import tiny_llama_config
+from harness.zoo.config import tiny_llama_config
 
 pytestmark = pytest.mark.slow
 LOAD_ONLY = dict(throughput=False, quality=False, repeats=1)
@@ -132,7 +132,7 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path: Path) -> None:
 
 
 def test_encoder_decoder_models_are_skipped_before_loading(tmp_path: Path) -> None:
-    from harness.archs import build_arch_checkpoint
+    from harness.zoo.archs import build_arch_checkpoint
 
     t5 = build_arch_checkpoint("t5", tmp_path / "tiny-t5")
     (record,) = run_matrix(tmp_path / "runs", (str(t5),), ("fp32",), **LOAD_ONLY)
@@ -166,10 +166,10 @@ def test_the_quality_pass_peak_does_not_grow_with_eval_tokens_times_vocab(tmp_pa
     """2,048 tokens x 128,256 vocab of fp32 logits is 1.05 GB per copy; the chunked pass holds one
     256-token chunk (131 MB) plus float64 blocks of 32 tokens, whatever the number of tokens.
 
-    The quality pass's token budget scales with the measured forward rate (harness.quality
+    The quality pass's token budget scales with the measured forward rate (harness.measure.quality
     scaled_eval_tokens), so a slow or busy machine would compare fewer tokens; a time budget no
     forward here comes near keeps all 2,048, on any machine."""
-    from harness.archs import LARGE_VOCAB_SIZE, build_large_vocab_llama
+    from harness.zoo.archs import LARGE_VOCAB_SIZE, build_large_vocab_llama
 
     model = build_large_vocab_llama(tmp_path / "llama-128k")
     (record,) = run_matrix(tmp_path / "runs", (str(model),), ("fp32",), throughput=False, repeats=1,
@@ -205,7 +205,7 @@ def test_harness_plan_prints_what_fits_without_loading(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_model_kinds_and_which_are_skipped(config: dict[str, Any], kind: str) -> None:
-    from harness.models import ModelSource, model_kind_from_config, unsupported_model_reason
+    from harness.plan.models import ModelSource, model_kind_from_config, unsupported_model_reason
 
     assert model_kind_from_config(config) == kind
     model = ModelSource("m", "/m", kind, config["model_type"], True, architecture=config["architectures"][0])

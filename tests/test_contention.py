@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.contention import ContentionMonitor, contention_fields, machine_cpus
+from harness.measure.contention import ContentionMonitor, contention_fields, machine_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_cpu_burners_beside_a_measurement_mark_it_contended() -> None:
 # An idle process that monitors from "ready" until a line arrives on stdin, then prints what it saw.
 WITNESS = """
 import json, sys
-from harness.contention import ContentionMonitor
+from harness.measure.contention import ContentionMonitor
 with ContentionMonitor("witness") as monitor:
     print("ready", flush=True)
     sys.stdin.readline()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import by_precision, run_matrix
 from harness.checks import adapter_problems, plan_problems, training_problems
-from harness.finetune import NO_GRADIENT_REASON
+from harness.measure.finetune import NO_GRADIENT_REASON
 from harness.registry import PRECISIONS, lora_method, training_skip_reason
 
 # tiny-llama-trained: 4 layers, hidden 192, MLP 512, 6 query heads and 2 KV heads of 32. LoRA rank 8 on
@@ -117,8 +117,8 @@ def test_gradients_that_never_reach_the_adapter_fail_the_row() -> None:
 
     from harness.backends import LoadSpec, backend_for
     from harness.backends.pytorch_train import PeftTrainer
-    from harness.config import RunOptions
-    from harness.finetune import TrainingFailed, TrainSettings, run_steps
+    from harness.measure.finetune import TrainingFailed, TrainSettings, run_steps
+    from harness.options import RunOptions
     from harness.zoo import ensure_built
 
     class ReentrantTrainer(PeftTrainer):
@@ -155,10 +155,10 @@ def test_gradients_that_never_reach_the_adapter_fail_the_row() -> None:
 
 @pytest.mark.parametrize("framework", ["tensorflow", "jax"])
 def test_kerashub_lora_trains_and_reloads_on_tensorflow_and_jax(tmp_path: Path, framework: str) -> None:
-    from harness.config import RunOptions
     from harness.environment import collect_environment
-    from harness.matrix import Selection
-    from harness.runner import Plan, Runner
+    from harness.options import RunOptions
+    from harness.plan.matrix import Selection
+    from harness.run.runner import Plan, Runner
     from harness.storage import RunWriter, read_records
 
     options = RunOptions(**TRAIN)

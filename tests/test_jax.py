@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from harness.config import RunOptions
 from harness.environment import collect_environment
-from harness.matrix import Combo, Selection
-from harness.runner import Plan, Runner
+from harness.options import RunOptions
+from harness.plan.matrix import Combo, Selection
+from harness.run.runner import Plan, Runner
 from harness.storage import RunWriter, read_records
 
 pytest.importorskip("jax")

@@ -24,7 +24,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 import harness
-from harness import gguf
+from harness.backends import gguf
 from harness.backends.base import LoadSpec
 from harness.backends.llamacpp import (
     LlamaCppBackend,
@@ -36,11 +36,11 @@ from harness.backends.llamacpp import (
     offload_device,
 )
 from harness.corpus import eval_text
-from harness.measure import checkpoint_bytes, loaded_files
-from harness.pagecache import resident_fraction
-from harness.quality import CausalComparison, load_tokenizer
+from harness.measure.inference import checkpoint_bytes, loaded_files
+from harness.measure.pagecache import resident_fraction
+from harness.measure.quality import CausalComparison, load_tokenizer
+from harness.run.worker import drop_weight_pages
 from harness.storage import read_records
-from harness.worker import drop_weight_pages
 from harness.workload import CHUNK_TOKENS
 from harness.zoo import ensure_built
 
@@ -332,12 +332,12 @@ def test_device_start_uses_ggml_devices(trained_dir: Path, gguf_cache: Path) -> 
 
 
 def test_null_device_fields_of_a_cuda_record_have_reasons() -> None:
-    from harness.launcher import WorkerResult
-    from harness.matrix import Combo
-    from harness.models import ModelSource
-    from harness.reasons import explain_nulls
+    from harness.plan.matrix import Combo
+    from harness.plan.models import ModelSource
     from harness.registry import FRAMEWORKS
-    from harness.runner import Runner
+    from harness.run.launcher import WorkerResult
+    from harness.run.reasons import explain_nulls
+    from harness.run.runner import Runner
 
     model = ModelSource("m", "/nonexistent", "causal-lm", "llama", True, tokenizer="/nonexistent")
     fields = {"load_s": 1.0, "device_process_bytes": None, "checkpoint_bytes": 1}
@@ -369,7 +369,7 @@ def test_the_qwen2_test_checkpoint_converts_and_tokenizes_alike(gguf_cache: Path
     """transformers 5 loads the qwen2 test checkpoint's tokenizer as Qwen2Tokenizer, which adds
     <|endoftext|> as id 1024 and splits with Qwen's regex: the builder pads the embedding past it and
     saves the tokenizer as loaded; the converter accepts it and picks llama.cpp's qwen2 pre-tokenizer."""
-    from harness.archs import build_arch_checkpoint
+    from harness.zoo.archs import build_arch_checkpoint
 
     qwen2 = build_arch_checkpoint("qwen2", tmp_path / "qwen2")
     assert len(load_tokenizer(str(qwen2))) <= json.loads((qwen2 / "config.json").read_text())["vocab_size"]

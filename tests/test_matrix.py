@@ -6,7 +6,7 @@ import pytest
 
 from harness.environment import GpuInfo
 from harness.errors import UsageError
-from harness.matrix import Capabilities, Combo, Selection, unsupported_reason
+from harness.plan.matrix import Capabilities, Combo, Selection, unsupported_reason
 
 EVERYTHING = frozenset({"torch", "transformers", "bitsandbytes", "tensorflow", "keras", "keras_hub", "torch_xla"})
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 << 30, "9.0")

@@ -1,4 +1,4 @@
-"""The memory plan (harness.memplan) against public configs, real loads and real caches."""
+"""The memory plan (harness.plan.memplan) against public configs, real loads and real caches."""
 
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ from typing import Any
 
 import pytest
 
-from harness.archs import (
-    CAUSAL_ARCHS,
-    ENCODER_DECODER_ARCHS,
-    arch_config,
-    build_arch_checkpoint,
-    build_large_vocab_llama,
-)
 from harness.environment import cpu_info, cpu_runs_bf16_well
 from harness.errors import UsageError
-from harness.memplan import (
+from harness.plan.memplan import (
     GIB,
     MemoryPlan,
     plan_memories,
@@ -31,6 +24,13 @@ from harness.memplan import (
 )
 from harness.registry import DEFAULT_PRECISIONS
 from harness.zoo import DEFAULT_MODELS, ensure_built
+from harness.zoo.archs import (
+    CAUSAL_ARCHS,
+    ENCODER_DECODER_ARCHS,
+    arch_config,
+    build_arch_checkpoint,
+    build_large_vocab_llama,
+)
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 # Parameter counts of the public checkpoints (tied embeddings once; BERT as BertModel with pooler,
@@ -248,10 +248,10 @@ def test_predicted_weight_bytes_match_real_loads_through_the_runner(tmp_path: Pa
 def test_keras_weight_bytes_match_real_tensorflow_loads(tmp_path: Path, arch_dirs: dict[str, Path]) -> None:
     """Keras quantizes kernels and token embeddings, not position embeddings; GPT-2's fused c_attn
     is three kernels there (one spawned TensorFlow worker per combination, ~10 s each)."""
-    from harness.config import RunOptions
     from harness.environment import collect_environment
-    from harness.matrix import Selection
-    from harness.runner import Plan, Runner
+    from harness.options import RunOptions
+    from harness.plan.matrix import Selection
+    from harness.run.runner import Plan, Runner
     from harness.storage import RunWriter, read_records
 
     models, precisions = ("tiny-gpt2", str(arch_dirs["mistral"])), ("fp16", "keras-int8", "keras-int4")
@@ -276,7 +276,7 @@ def load_quantized(source: Path, precision: str, fast_bf16: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.quantizers import bnb
+    from harness.backends.quantizers import bnb
     from harness.registry import PRECISIONS
 
     spec = PRECISIONS[precision]
@@ -289,7 +289,7 @@ def load_quantized(source: Path, precision: str, fast_bf16: bool) -> Any:
 
 def measured_weight_bytes(model: Any) -> int:
     """The harness's byte count of a loaded model (bitsandbytes layers counted with their states)."""
-    from harness.quantizers import bnb, count_weights
+    from harness.backends.quantizers import bnb, count_weights
 
     return count_weights(model, bnb).weight_bytes
 
@@ -383,7 +383,7 @@ def test_plans_read_no_weights_import_no_bitsandbytes_and_report_their_time() ->
         f"""
         import sys, time
         start = time.perf_counter()
-        from harness.memplan import plan_memories, read_config
+        from harness.plan.memplan import plan_memories, read_config
         times = []
         for name in {sorted(PUBLIC_PARAM_COUNTS)!r}:
             t = time.perf_counter()
@@ -416,8 +416,8 @@ def loaded_weight_bytes(source: str, precision: str, fast_bf16: bool) -> tuple[i
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from harness.models import model_kind_from_config
-    from harness.quantizers import count_weights
+    from harness.backends.quantizers import count_weights
+    from harness.plan.models import model_kind_from_config
     from harness.registry import PRECISIONS
 
     spec = PRECISIONS[precision]
@@ -457,7 +457,7 @@ def test_torchao_and_quanto_rules_match_real_loads_out_of_sample(arch_dirs: dict
 
 def test_gguf_block_sizes_are_ggmls() -> None:
     gguf = pytest.importorskip("gguf")
-    from harness.quantizers.gguf import BLOCKS
+    from harness.backends.quantizers.gguf import BLOCKS
 
     for name, size in BLOCKS.items():
         assert tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]) == size, name
@@ -479,7 +479,7 @@ def test_gguf_rule_matches_llama_cpp_files_tensor_for_tensor(tmp_path: Path) -> 
     """Every GGUF type of every model above: the plan's bytes equal the file's tensor data, as the
     llama.cpp backend counts weight_bytes (real conversion and llama_model_quantize, cached)."""
     pytest.importorskip("llama_cpp")
-    from harness.gguf import ConversionError, converter_script, gguf_file, tensor_types
+    from harness.backends.gguf import ConversionError, converter_script, gguf_file, tensor_types
     from harness.registry import PRECISIONS
 
     try:
@@ -495,15 +495,15 @@ def test_gguf_rule_matches_llama_cpp_files_tensor_for_tensor(tmp_path: Path) -> 
 
 
 def test_quality_activations_match_the_comparisons_traced_peak() -> None:
-    """The plan's quality term against the real comparison (harness.quality.CausalComparison) of
+    """The plan's quality term against the real comparison (harness.measure.quality.CausalComparison) of
     one chunk, its numpy allocations traced: the candidate's fp32 logits, the reference's rows,
     and the float64 blocks it compares them in."""
     import tracemalloc
 
     import numpy as np
 
-    from harness.memplan import _transformers_config
-    from harness.quality import CausalComparison
+    from harness.measure.quality import CausalComparison
+    from harness.plan.memplan import _transformers_config
     from harness.workload import CHUNK_TOKENS
 
     config = config_of("mistral-7b")
@@ -530,7 +530,7 @@ def test_family_rules_plan_without_their_libraries() -> None:
         import sys
         for name in ("bitsandbytes", "torchao", "optimum", "optimum.quanto", "hqq", "llama_cpp", "gguf"):
             sys.modules[name] = None  # import raises ImportError
-        from harness.quantizers import PlannedLinear, bnb, gguf, hqq, quanto, torchao
+        from harness.backends.quantizers import PlannedLinear, bnb, gguf, hqq, quanto, torchao
         from harness.registry import PRECISIONS
         layer = PlannedLinear(out_features=512, in_features=256, bias=512, conv1d=False, storage_bytes=2, compute_bytes=2)
         sizes = {name: module.planned_bytes(PRECISIONS[name], layer) for name, module in
@@ -562,7 +562,7 @@ def test_real_size_weight_rules_on_the_0_5b_checkpoint() -> None:
             (plan,) = plan_memories(config, (precision,), fast_bf16=fast)
             assert plan.weight_bytes == loaded_weight_bytes(str(source), precision, fast)[0], precision
     if importlib.util.find_spec("llama_cpp") is not None:
-        from harness.gguf import gguf_file, tensor_types
+        from harness.backends.gguf import gguf_file, tensor_types
 
         (plan,) = plan_memories(config, ("gguf-q4_k_m",), fast_bf16=fast)
         types = tensor_types(gguf_file(str(source), "gguf-q4_k_m").path)

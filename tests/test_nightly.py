@@ -29,16 +29,16 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import RunOptions
 from harness.errors import UsageError
-from harness.matrix import Combo, Selection
+from harness.options import RunOptions
+from harness.plan.matrix import Combo, Selection
+from harness.plan.shard import combo_cost, parse_shard, partition, shard_combos
 from harness.registry import DEFAULT_PRECISIONS
 from harness.report import write_report
 from harness.report.cost import add_costs, load_prices, matrix_costs
 from harness.report.frame import load_frame
 from harness.report.history import detect_steps, load_history
 from harness.report.stacks import stacks_matrix
-from harness.shard import combo_cost, parse_shard, partition, shard_combos
 from harness.storage import read_records
 from harness.zoo import DEFAULT_MODELS
 

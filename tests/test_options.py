@@ -1,4 +1,4 @@
-"""Issue 22 item 2: each run option declared once (harness.config) and read the same way by `harness run`,
+"""Issue 22 item 2: each run option declared once (harness.options) and read the same way by `harness run`,
 `harness plan`, the pytest plugin and a matrix file."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from harness.cli import build_parser
-from harness.config import RunOptions, given_options, option_fields
 from harness.environment import collect_environment
-from harness.matrix import Capabilities
-from harness.runner import Plan
+from harness.options import RunOptions, given_options, option_fields
+from harness.plan.matrix import Capabilities
+from harness.run.runner import Plan
 
 
 def every_flag(tmp_path: Path) -> tuple[list[str], list[str], dict[str, Any]]:

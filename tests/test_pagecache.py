@@ -12,14 +12,20 @@ from pathlib import Path
 import pytest
 
 from conftest import run_matrix
-from harness.config import RunOptions
-from harness.matrix import Combo
-from harness.models import materialize, resolve_model
-from harness.pagecache import cold_read_bytes_s, drop_cached_pages, file_mappings, release_mappings, resident_fraction
-from harness.trackers import proc_status
-from harness.worker import WorkerJob, run_job
+from harness.measure.pagecache import (
+    cold_read_bytes_s,
+    drop_cached_pages,
+    file_mappings,
+    release_mappings,
+    resident_fraction,
+)
+from harness.measure.trackers import proc_status
+from harness.options import RunOptions
+from harness.plan.matrix import Combo
+from harness.plan.models import materialize, resolve_model
+from harness.run.worker import WorkerJob, run_job
 from harness.zoo import causal_tokenizer
-from harness.zoo_config import tiny_llama_config
+from harness.zoo.config import tiny_llama_config
 
 
 def test_drop_empties_the_page_cache_of_the_files_and_the_raw_read_reads_them_all(

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import run_matrix
-from harness.archs import build_large_vocab_llama
-from harness.measure import PHASES
+from harness.measure.inference import PHASES
 from harness.records import TRAIN_PHASES
 from harness.workload import CHUNK_TOKENS
+from harness.zoo.archs import build_large_vocab_llama
 
 
 def test_every_phase_has_a_peak_and_the_headline_is_their_maximum(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import run_matrix
-from harness.models import ModelSource, describe_quantization, precision_model_reason
+from harness.plan.models import ModelSource, describe_quantization, precision_model_reason
 from harness.registry import PRECISIONS
 from harness.zoo import ensure_built
 

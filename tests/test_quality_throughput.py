@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import by_precision
-from harness.quality import compare_causal, compare_encoder, spearman
+from harness.measure.quality import compare_causal, compare_encoder, spearman
 from harness.zoo import ensure_built
 
 THROUGHPUT_CAUSAL = ("prefill_tok_s", "decode_tok_s", "generate_tok_s", "ttft_s", "token_latency_p50_s")
@@ -137,8 +137,8 @@ def test_every_precision_compares_the_reference_tokens_unless_far_slower(tmp_pat
     QUALITY_OVERRUN_FACTOR x slower compares fewer and says so (eval_tokens < reference_eval_tokens)."""
     from harness.backends.base import LoadSpec
     from harness.backends.pytorch import PyTorchBackend
-    from harness.config import RunOptions
-    from harness.quality import QUALITY_OVERRUN_FACTOR, causal_quality, eval_token_ids, quality_budget_s
+    from harness.measure.quality import QUALITY_OVERRUN_FACTOR, causal_quality, eval_token_ids, quality_budget_s
+    from harness.options import RunOptions
 
     source = str(ensure_built("tiny-llama-trained"))
     options = RunOptions(eval_tokens=2048, greedy_prompts=1, greedy_tokens=2)

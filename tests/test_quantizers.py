@@ -43,7 +43,7 @@ def precision(name: str) -> Precision:
 
 
 def family_module(name: str) -> ModuleType:
-    return importlib.import_module(f"harness.quantizers.{precision(name).family}")
+    return importlib.import_module(f"harness.backends.quantizers.{precision(name).family}")
 
 
 def flat_tensors(tensor: Any) -> Iterator[torch.Tensor]:
@@ -166,7 +166,7 @@ def test_bytes_of_one_linear_match_a_hand_count(name: str, load: Callable[[str],
 def test_planned_bytes_of_one_linear_match_the_hand_count(name: str, load: Callable[[str], torch.nn.Module]) -> None:
     """The family's memory-plan rule for the same layer (no bias; quanto adds its two fp32 scalar
     buffers, input_scale and output_scale, which the module holds beside the weight)."""
-    from harness.quantizers import PlannedLinear
+    from harness.backends.quantizers import PlannedLinear
 
     path, expected = HAND_COUNTS[name]
     linear = load(name).model.layers[1].get_submodule(path)
@@ -178,7 +178,7 @@ def test_planned_bytes_of_one_linear_match_the_hand_count(name: str, load: Calla
 
 @pytest.mark.parametrize("name", RUNS_ON_CPU)
 def test_whole_model_bytes_follow_the_bits(name: str, load: Callable[[str], torch.nn.Module]) -> None:
-    from harness.quantizers import count_weights
+    from harness.backends.quantizers import count_weights
 
     model, bits = load(name), precision(name).bits
     fp32_bytes = sum(p.numel() * 4 for p in load("fp32").parameters())
@@ -210,7 +210,7 @@ def test_torchao_int4_has_no_cpu_path() -> None:
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    from harness.quantizers.torchao import INT4_CPU_REASON
+    from harness.backends.quantizers.torchao import INT4_CPU_REASON
 
     for packing in Int4PackingFormat:
         linear = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False)).to(torch.bfloat16)
@@ -222,7 +222,7 @@ def test_torchao_int4_has_no_cpu_path() -> None:
 
 
 def test_hqq_cannot_load_through_transformers(trained_dir: Path) -> None:
-    from harness.quantizers.hqq import LOAD_REASON
+    from harness.backends.quantizers.hqq import LOAD_REASON
 
     config = family_module("hqq-int4").quantization_config(precision("hqq-int4"), torch.float32)
     with pytest.raises(NotImplementedError, match="is not available yet") as failure:
@@ -238,8 +238,8 @@ def test_hqq_linear_runs_on_cpu_and_counts_its_bytes(nbits: int, packed_bytes: i
     """hqq itself quantizes and multiplies on CPU: packed W_q + fp32 scale and zero per group of 64."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    from harness.quantizers import PlannedLinear
-    from harness.quantizers.hqq import planned_bytes, quantized_weight
+    from harness.backends.quantizers import PlannedLinear
+    from harness.backends.quantizers.hqq import planned_bytes, quantized_weight
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(192, 512, bias=False)
@@ -268,8 +268,8 @@ def test_hqq_rule_matches_hqq_linear_on_real_shapes(nbits: int) -> None:
     896 and 896 x 4864) and a row that is no multiple of the group's packing, in bf16 and fp32."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    from harness.quantizers import PlannedLinear
-    from harness.quantizers.hqq import planned_bytes, quantized_weight
+    from harness.backends.quantizers import PlannedLinear
+    from harness.backends.quantizers.hqq import planned_bytes, quantized_weight
 
     spec = Precision("hqq", "hqq", "hqq", ("pytorch",), nbits, options={"nbits": nbits, "group_size": 64})
     for out_features, in_features, bias in ((896, 896, True), (4864, 896, False), (896, 4864, False), (100, 64, True)):

@@ -25,7 +25,7 @@ import harness
 from conftest import by_precision, run_matrix
 from harness.records import Record
 from harness.zoo import causal_tokenizer, ensure_built, zoo_dir
-from harness.zoo_config import SEED
+from harness.zoo.config import SEED
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ def test_tiny_llama_training_is_deterministic() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from harness.zoo_training import train_tiny_llama
+    from harness.zoo.training import train_tiny_llama
 
     tokenizer = causal_tokenizer()
     torch.manual_seed(0)  # whatever ran before, the recipe seeds itself

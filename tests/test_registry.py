@@ -14,8 +14,7 @@ import pytest
 
 from harness.checks import TOLERANCE_MARGIN, default_tolerance
 from harness.cli import precision_table
-from harness.matrix import is_installed
-from harness.printers import markdown
+from harness.plan.matrix import is_installed
 from harness.registry import (
     DEFAULT_PRECISIONS,
     FRAMEWORKS,
@@ -26,6 +25,7 @@ from harness.registry import (
     family_of,
     precision_order,
 )
+from harness.report.printers import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ from harness.registry import Precision
 PRECISIONS = (
     Precision("fp4-dq", "bitsandbytes", "4-bit FP4 with double quantization (a test's entry)", ("pytorch",), 4,
               packages=("bitsandbytes",), extra="quant", devices=("cpu", "cuda"), storage_dtype="half",
-              compute_dtype="half-or-float32", quantizer="harness.quantizers.bnb",
+              compute_dtype="half-or-float32", quantizer="harness.backends.quantizers.bnb",
               options={"quant_type": "fp4", "double_quant": True}),
 )
 """

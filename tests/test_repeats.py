@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from harness.quality import EVAL_TOKENS_FLOOR, scaled_eval_tokens
-from harness.repeats import MIN_SAMPLES, RepeatPolicy, median_ci_rel, repeat_until
+from harness.measure.quality import EVAL_TOKENS_FLOOR, scaled_eval_tokens
+from harness.stats import MIN_SAMPLES, RepeatPolicy, median_ci_rel, repeat_until
 from harness.workload import CHUNK_TOKENS
 
 

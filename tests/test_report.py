@@ -16,7 +16,7 @@ import pytest
 
 from harness.cli import main
 from harness.errors import UsageError
-from harness.memplan import RUNTIME_SPREAD_BYTES
+from harness.plan.memplan import RUNTIME_SPREAD_BYTES
 from harness.report import write_report
 from harness.report.frame import load_frame
 from harness.report.pareto import add_frontiers, pareto_mask
@@ -423,9 +423,9 @@ def test_kl_cells_say_when_rows_cover_different_tokens() -> None:
 
 
 def test_sizes_are_in_binary_units_everywhere_and_say_so(run1: Path) -> None:
-    from harness.printers import summary_table
     from harness.records import METRICS
     from harness.report.frame import DERIVED_METRICS
+    from harness.report.printers import summary_table
     from harness.storage import read_records
     from harness.units import MIB, UNITS_NOTE
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from harness.backends.keras_support import tensorflow_unsupported_reason
-from harness.config import RunOptions
 from harness.environment import collect_environment
-from harness.matrix import Combo, Selection
-from harness.runner import Plan, Runner
+from harness.options import RunOptions
+from harness.plan.matrix import Combo, Selection
+from harness.run.runner import Plan, Runner
 from harness.storage import RunWriter, read_records
 from harness.zoo import ensure_built
 
@@ -212,7 +212,7 @@ def test_prepare_imports_what_load_needs_and_prefill_keeps_the_last_logits(
     """prepare() pays every import load() would make (so load_s has none); the timed prefill
     fills the cache and computes the last position's logits only, like PyTorch's logits_to_keep=1,
     in every causal architecture of keras_support that has a builder here."""
-    archs = pytest.importorskip("harness.archs")
+    archs = pytest.importorskip("harness.zoo.archs")
     causal = [str(tiny_llama_dir), str(ensure_built("tiny-gpt2"))]
     causal += [str(archs.build_arch_checkpoint(a, tmp_path / a)) for a in ("qwen2", "mistral", "gemma")]
     models = [
@@ -244,14 +244,14 @@ def test_keras_support_does_not_import_tensorflow() -> None:
 
 def test_torch_free_tokenizer_gives_the_same_ids(tiny_llama_dir: Path) -> None:
     """TensorFlow workers tokenize without transformers (whose AutoTokenizer imports torch)."""
-    from harness.quality import eval_sentences, eval_token_ids, load_tokenizer
+    from harness.measure.quality import eval_sentences, eval_token_ids, load_tokenizer
     from harness.workload import ENCODER_MAX_TOKENS
 
     options = RunOptions(eval_tokens=4096)
     sentences = eval_sentences(options)[:8]
     script = (
-        "import json, sys; from harness.config import RunOptions; "
-        "from harness.quality import eval_token_ids, load_tokenizer; "
+        "import json, sys; from harness.options import RunOptions; "
+        "from harness.measure.quality import eval_token_ids, load_tokenizer; "
         f"tok = load_tokenizer(sys.argv[1]); o = RunOptions(eval_tokens=4096); s = {sentences!r}; "
         f"b = tok(s, padding=True, truncation=True, max_length={ENCODER_MAX_TOKENS}, return_tensors='np'); "
         "print(json.dumps([eval_token_ids(sys.argv[1], o).tolist(), b['input_ids'].tolist(), "

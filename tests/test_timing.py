@@ -19,10 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness import throughput, trackers
-from harness.config import RunOptions
-from harness.repeats import median_ci_rel
-from harness.throughput import (
+from harness.measure import throughput, trackers
+from harness.measure.throughput import (
     MAX_REPEAT_FACTOR,
     measure_decode,
     measure_encode,
@@ -30,7 +28,9 @@ from harness.throughput import (
     measure_throughput,
     timed_samples,
 )
-from harness.trackers import Timer, copy_bandwidth_bytes_s
+from harness.measure.trackers import Timer, copy_bandwidth_bytes_s
+from harness.options import RunOptions
+from harness.stats import median_ci_rel
 
 PREFILL_S = 2.0**-6  # one prompt forward (and so the first generated token)
 STEP_S = 2.0**-9  # one decode step after the first token

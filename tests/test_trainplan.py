@@ -1,4 +1,4 @@
-"""Issue 20: the training memory plan (harness.trainplan), from config.json alone, on fake tensors."""
+"""Issue 20: the training memory plan (harness.plan.trainplan), from config.json alone, on fake tensors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_matrix
-from harness.memplan import plan_memories, read_config
-from harness.trainplan import TrainingPlan, plan_training
+from harness.plan.memplan import plan_memories, read_config
+from harness.plan.trainplan import TrainingPlan, plan_training
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 LLAMA_3_8B = CONFIGS / "llama-3-8b"
@@ -80,7 +80,7 @@ def test_a_quantized_stand_in_keeps_no_dequantized_weight_for_backward(int8: boo
     keep every layer's copy alive until the backward: +24 GiB on Llama-2-7B without checkpointing)."""
     import torch
 
-    from harness.trainplan import _quantized_linear_classes
+    from harness.plan.trainplan import _quantized_linear_classes
 
     layer = _quantized_linear_classes(torch.bfloat16, int8, "cpu")(64, 96, bias=False).requires_grad_(False)
     x = torch.randn(2, 5, 64, requires_grad=True)

@@ -53,7 +53,7 @@ def torch_facts() -> list[str]:
 
 def llama_config(preset: str):
     """The preset's LlamaConfig, with the zoo tokenizer's special ids."""
-    from harness.zoo_config import tiny_llama_config
+    from harness.zoo.config import tiny_llama_config
 
     return tiny_llama_config(**PRESETS[preset], initializer_range=0.02)
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: the tree's harness
 
-from harness.memplan import DTYPE_BYTES, kv_cache_bytes
+from harness.plan.memplan import DTYPE_BYTES, kv_cache_bytes
 from harness.registry import PRECISIONS
 from harness.storage import read_records
 from harness.workload import FIRST_FORWARD_TOKENS
@@ -111,7 +111,7 @@ def _missing_field(records: list[dict[str, Any]], name: str) -> str | None:
 
 
 class ConfigView:
-    """Attribute access to a config.json dict, the way harness.memplan reads a transformers config
+    """Attribute access to a config.json dict, the way harness.plan.memplan reads a transformers config
     (GPT-2's n_layer / n_head / n_embd answer to the standard names)."""
 
     ALIASES: ClassVar[dict[str, str]] = {
@@ -134,7 +134,7 @@ class ConfigView:
 
 def first_forward_bytes(record: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
     """(KV bytes, output bytes) of the first forward that load's peak covers: FIRST_FORWARD_TOKENS
-    tokens at batch 1. KV through harness.memplan.kv_cache_bytes at the storage dtype (where hidden
+    tokens at batch 1. KV through harness.plan.memplan.kv_cache_bytes at the storage dtype (where hidden
     states live); outputs: the logits (encoders: last hidden state) plus the float32 copy the
     worker makes of them."""
     view = ConfigView(config)

@@ -56,7 +56,7 @@ class Backend(Protocol):
 
     # Optional: `weight_files() -> list[Path]`, the files load() reads where they are not the
     # checkpoint's own weight files (llama.cpp: the GGUF file prepare() made). checkpoint_bytes, the
-    # load bandwidths and the cold load's page drop use them (harness.measure.loaded_files).
+    # load bandwidths and the cold load's page drop use them (harness.measure.inference.loaded_files).
 
     def synchronize(self) -> None:
         """Wait for queued device work to finish."""

@@ -156,7 +156,7 @@ class JaxBackend(KerasBackend):
         stats = self._gpu_stats()
         if stats is None:
             return {}
-        from harness.trackers import nvml_process_bytes
+        from harness.measure.trackers import nvml_process_bytes
 
         peak = stats.get("peak_bytes_in_use")
         raised = peak is not None and (self._peak_at_reset is None or peak > self._peak_at_reset)
@@ -185,7 +185,7 @@ class JaxBackend(KerasBackend):
     def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20) -> float:
         """Device copy bandwidth: median of timed passes that read an array and write it back in
         place (its buffer donated to the jitted update, so no allocation is timed; bytes read + written)."""
-        from harness.trackers import copy_bandwidth_bytes_s
+        from harness.measure.trackers import copy_bandwidth_bytes_s
 
         update = jax.jit(lambda x: x + 1.0, donate_argnums=0)
         buffer = [jax.device_put(np.zeros(size_bytes // 4, np.float32), self._target())]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.finetune import TrainSettings, TrainSetup
+from harness.measure.finetune import TrainSettings, TrainSetup
 
 ADAPTER_FILE = "adapter.lora.h5"  # KerasHub's save_lora_weights wants the .lora.h5 suffix
 FULL_WEIGHTS_FILE = "model.weights.h5"

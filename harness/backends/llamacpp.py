@@ -1,5 +1,5 @@
 """llama.cpp through llama-cpp-python: the checkpoint converted to GGUF (f16) and quantized to the
-precision's type (harness.gguf, cached), then loaded through llama.cpp's C API
+precision's type (harness.backends.gguf, cached), then loaded through llama.cpp's C API
 (llama_model_load_from_file, llama_init_from_model, llama_decode).
 
 Conversion and quantization happen in prepare(), outside load_s, and are reported as `convert_s`;
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import LoadSpec, WeightStats
-from harness.gguf import TYPES, GGUFFile, gguf_file, header_fields, tensor_types, type_counts
+from harness.backends.gguf import TYPES, GGUFFile, gguf_file, header_fields, tensor_types, type_counts
 
 MAX_CONTEXT = 4096  # KV cache positions per sequence (the model's own limit when smaller)
 BATCH_TOKENS = 512  # tokens per llama_decode call (n_batch)
@@ -59,7 +59,7 @@ def gguf_tokenizes_like_hf(gguf_path: Path, tokenizer_source: str, text: str) ->
     tokenizer of `tokenizer_source` (no special tokens either side); TokenizerMismatch if they differ."""
     import llama_cpp
 
-    from harness.quality import load_tokenizer
+    from harness.measure.quality import load_tokenizer
 
     vocab = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
     try:
@@ -355,7 +355,7 @@ class LlamaCppBackend:
         """CUDA: what NVML attributes to this process (llama.cpp has no allocator counters)."""
         if not self.on_gpu:
             return {}
-        from harness.trackers import nvml_process_bytes
+        from harness.measure.trackers import nvml_process_bytes
 
         return {"device_process_bytes": nvml_process_bytes(int(self.spec.device.partition(":")[2] or 0))}
 
@@ -490,7 +490,7 @@ class LlamaCppBackend:
 
     def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20) -> float:
         """Copy bandwidth of the memory the weights live in: host memory on CPU, device memory on CUDA."""
-        from harness.trackers import copy_bandwidth_bytes_s
+        from harness.measure.trackers import copy_bandwidth_bytes_s
 
         if self.on_gpu:
             import torch

@@ -1,5 +1,5 @@
 """PyTorch through transformers; quantized precisions load through their registry family's
-`quantization_config` (harness/quantizers/<family>.py) and are counted by `count_weights`.
+`quantization_config` (harness/backends/quantizers/<family>.py) and are counted by `count_weights`.
 
 Importing this module imports torch and transformers (and the modeling code of the zoo's
 architectures), so the launcher can preload it once in the forkserver.
@@ -18,8 +18,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from harness.backends.base import LoadSpec, WeightStats
-from harness.models import check_safetensors_files
-from harness.quantizers import count_weights
+from harness.backends.quantizers import count_weights
+from harness.plan.models import check_safetensors_files
 from harness.registry import PRECISIONS, load_object
 
 for _arch in ("llama", "gpt2", "bert", "mistral", "qwen2"):
@@ -144,7 +144,7 @@ class PyTorchBackend:
             model = model.to(self.device)
         self.model = model.eval()
         if self.precision.family == "pre-quantized":  # count bytes as the quantizer that saved it stores them
-            from harness.quantizers.saved import family_for
+            from harness.backends.quantizers.saved import family_for
 
             saved = getattr(model.config, "quantization_config", None)
             method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
@@ -193,7 +193,7 @@ class PyTorchBackend:
     def device_memory(self) -> dict[str, int | None]:
         if self.device.type != "cuda":
             return {}
-        from harness.trackers import nvml_process_bytes
+        from harness.measure.trackers import nvml_process_bytes
 
         return {
             "peak_device_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
@@ -291,7 +291,7 @@ class PyTorchBackend:
 
     def memory_bandwidth_bytes_s(self, size_bytes: int = 256 << 20) -> float:
         """Device copy bandwidth: median of timed copies of `size_bytes` (bytes read + written)."""
-        from harness.trackers import copy_bandwidth_bytes_s
+        from harness.measure.trackers import copy_bandwidth_bytes_s
 
         src = torch.ones(size_bytes // 4, dtype=torch.float32, device=self.device)
         dst = torch.empty_like(src)

@@ -5,7 +5,7 @@ layers as loaded (float, torchao, HQQ); "kbit" first runs peft's `prepare_model_
 (freezes the base, casts every unquantized 16-bit parameter to fp32, and turns on gradient
 checkpointing when asked), as QLoRA recipes do. Rank 0 is full fine-tuning: every float parameter
 trains, no adapter. Gradient checkpointing always uses `use_reentrant=False`: with the reentrant
-variant and no input that requires grad, LoRA gradients silently stay None (harness.finetune checks).
+variant and no input that requires grad, LoRA gradients silently stay None (harness.measure.finetune checks).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import peft  # imported with this module, before the worker's memory baseline
 import torch
 
 from harness.backends.pytorch import PyTorchBackend
-from harness.finetune import NO_GRADIENT_REASON, TrainingFailed, TrainSettings, TrainSetup, unique_storage_bytes
-from harness.trainplan import enable_checkpointing
+from harness.measure.finetune import NO_GRADIENT_REASON, TrainingFailed, TrainSettings, TrainSetup, unique_storage_bytes
+from harness.plan.trainplan import enable_checkpointing
 
 
 class PeftTrainer:

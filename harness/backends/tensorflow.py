@@ -121,7 +121,7 @@ class TensorFlowBackend(KerasBackend):
         gpu = self._gpu_name()
         if gpu is None:
             return {}
-        from harness.trackers import nvml_process_bytes
+        from harness.measure.trackers import nvml_process_bytes
 
         info = tf.config.experimental.get_memory_info(gpu)
         return {
@@ -146,7 +146,7 @@ class TensorFlowBackend(KerasBackend):
         """Device copy bandwidth: median of timed passes that read one array and write another
         into a variable (bytes read + written). A plain `dst.assign(src)` only shares the
         buffer on CPU (it measured 11,800 GB/s here): the `+ 1` makes the write real."""
-        from harness.trackers import copy_bandwidth_bytes_s
+        from harness.measure.trackers import copy_bandwidth_bytes_s
 
         with tf.device(self.device):
             src = tf.ones(size_bytes // 4, dtype=tf.float32)

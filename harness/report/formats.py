@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import UsageError
-from harness.printers import markdown
 from harness.report.frame import export_frame
+from harness.report.printers import markdown
 from harness.report.tables import Table
 
 FORMATS = ("md", "html", "csv", "parquet")

@@ -81,7 +81,7 @@ def judge(
 def contention_verdict(verdict: str, metric: str, contended: bool) -> str:
     """The one contention rule, for a run against its baseline (compare_runs) and for a step in the trend
     (history.detect_steps): a timed metric that got worse while other processes used the CPU
-    (harness.contention) is `contended`, never a regression. The tables flag the same rows."""
+    (harness.measure.contention) is `contended`, never a regression. The tables flag the same rows."""
     return CONTENDED if verdict == "regression" and contended and metric in SAMPLE_METRICS else verdict
 
 
