@@ -32,7 +32,7 @@ from harness.backends.keras_support import CAVEATS, keras_class_name, tensorflow
 
 # What load() would otherwise import on first use (Keras, KerasHub, its Hugging Face converters,
 # safetensors, the harness helpers it calls), imported by prepare() before the load timer starts.
-LOADER_MODULES = ("keras", "keras_hub", "safetensors", "harness.plan.models", "harness.environment")
+LOADER_MODULES = ("keras", "keras_hub", "safetensors", "harness.checkpoint", "harness.environment")
 # KerasHub imports its converters (all of them, ~40 modules) inside the first from_preset of a
 # Hugging Face directory; a private path, so its absence in another version is not an error.
 LOADER_PRIVATE_MODULES = ("keras_hub.src.utils.transformers.preset_loader",)
@@ -209,7 +209,7 @@ class KerasBackend:
     def _preset(self) -> str:
         path = Path(self.spec.source)
         if path.is_dir():
-            from harness.plan.models import check_safetensors_files
+            from harness.checkpoint import check_safetensors_files
 
             check_safetensors_files(str(path))
             self.config = json.loads((path / "config.json").read_text())

@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from harness.backends.base import LoadSpec, WeightStats
 from harness.backends.quantizers import count_weights
-from harness.plan.models import check_safetensors_files
+from harness.checkpoint import check_safetensors_files
 from harness.registry import PRECISIONS, load_object
 
 for _arch in ("llama", "gpt2", "bert", "mistral", "qwen2"):

@@ -21,8 +21,8 @@ def release_load_leftovers(backend: Any) -> None:
     stay file-backed in RSS while the file is still mapped (harness.measure.pagecache.release_mappings keeps
     them in the page cache, so the next warm load stays warm). Float precisions are left alone: there
     the mapped pages are the weights themselves."""
+    from harness.checkpoint import weight_files
     from harness.measure.pagecache import release_mappings
-    from harness.plan.models import weight_files
     from harness.registry import PRECISIONS
 
     precision = PRECISIONS.get(backend.spec.precision)
@@ -48,7 +48,7 @@ def loaded_files(backend: Any) -> list[Path]:
     """The files the backend's load reads, after prepare(): the backend's own `weight_files()` where it
     has one (llama.cpp: the GGUF file it made), else the checkpoint's weight files, exactly those
     from_pretrained reads (none for a source that is not a local directory)."""
-    from harness.plan.models import weight_files
+    from harness.checkpoint import weight_files
 
     own = getattr(backend, "weight_files", None)
     if own is not None:

@@ -17,10 +17,11 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from harness.checkpoint import weight_files
 from harness.errors import UsageError
 from harness.options import RunOptions
 from harness.plan.matrix import Combo
-from harness.plan.models import ModelSource, materialize, weight_files
+from harness.plan.models import ModelSource, materialize
 
 SHARD_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 UNKNOWN_MODEL_BYTES = 1 << 30  # weights not on disk (yet): priced as a 1 GiB checkpoint
