@@ -180,7 +180,7 @@ def option_fields(plan_only: bool = False) -> Iterator[tuple[str, Any, Flag]]:
 
 
 def _default_note(default: Any, flag: Flag) -> str:
-    if flag.kind in ("set_true", "set_false") or default is None or "(default" in flag.help:
+    if flag.kind in ("set_true", "set_false") or default is None:  # None: the help says what stands in
         return ""
     if flag.kind == "on_off":
         return " (default on)" if default else " (default off)"

@@ -15,7 +15,6 @@ import pytest
 
 from harness.environment import Environment, collect_environment
 from harness.plan.matrix import Capabilities, Combo, combo_id
-from harness.plan.matrixfile import MatrixFile
 from harness.records import METRICS, Record
 from harness.run.runner import Plan, Runner, reference_first
 from harness.storage import RunWriter
@@ -51,14 +50,12 @@ class HarnessSession:
         self,
         plan: Plan,
         combos: list[Combo],
-        matrix_file: MatrixFile | None,
         reports_dir: Path,
         run_id: str | None,
         env: Environment,
     ) -> None:
         self.plan = plan
         self.combos = combos
-        self.matrix_file = matrix_file
         self.reports_dir = reports_dir
         self.run_id = run_id
         self.env = env
@@ -76,7 +73,7 @@ class HarnessSession:
         plan = Plan.from_flags(config.getoption, capabilities, settings)
         combos = reference_first(plan.combos(), plan.options, capabilities)
         reports_dir = config.getoption("--reports-dir") or Path(config.rootpath) / "reports"
-        return cls(plan, combos, plan.matrix_file, reports_dir, config.getoption("--run-id"), env)
+        return cls(plan, combos, reports_dir, config.getoption("--run-id"), env)
 
     def marker_names(self) -> set[str]:
         return {name for combo in self.combos for name in axis_markers(combo)}
@@ -102,10 +99,10 @@ class HarnessSession:
         return self.records[(combo, scenario)]
 
     def budgets_for(self, model: str) -> dict[str, float]:
-        return self.matrix_file.budgets_for(model) if self.matrix_file else {}
+        return self.plan.matrix_file.budgets_for(model) if self.plan.matrix_file else {}
 
     def tolerances_for(self, model: str) -> dict[str, float]:
-        return self.matrix_file.tolerances_for(model) if self.matrix_file else {}
+        return self.plan.matrix_file.tolerances_for(model) if self.plan.matrix_file else {}
 
     def finish(self, write_report: bool) -> None:
         if self.run_dir is None or not write_report:
